@@ -1,0 +1,2 @@
+//! The `fleet-server` library.
+#![forbid(unsafe_code)]

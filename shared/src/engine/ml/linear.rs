@@ -1,0 +1,5 @@
+//! LinearClassifier and LinearRegressor.
+
+use tract_onnx::model::OnnxOpRegister;
+
+pub(crate) fn register(_reg: &mut OnnxOpRegister) {}

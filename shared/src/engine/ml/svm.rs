@@ -1,0 +1,5 @@
+//! SVMClassifier and SVMRegressor.
+
+use tract_onnx::model::OnnxOpRegister;
+
+pub(crate) fn register(_reg: &mut OnnxOpRegister) {}

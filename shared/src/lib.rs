@@ -1,0 +1,5 @@
+//! Library shared by `edge-agent`, `fleet-server` and `fleetctl`: the inference engine
+//! (tract-onnx plus the project's own `ai.onnx.ml` operators).
+#![forbid(unsafe_code)]
+
+pub mod engine;
