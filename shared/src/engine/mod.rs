@@ -10,6 +10,8 @@ pub mod batch;
 pub(crate) mod ml;
 pub(crate) mod op;
 pub mod schema;
+#[doc(hidden)]
+pub mod testing;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::{DimLike, SimplePlan};
 
 pub use batch::{Batch, BatchBuilder, Column, InputError};
+pub use ml::OPERATORS as ML_OPERATORS;
 pub use schema::{ElemType, Labels};
 
 /// Largest model file the engine accepts (bytes).

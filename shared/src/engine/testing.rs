@@ -1,0 +1,88 @@
+//! Small ONNX models built in code, for tests in this and the other crates (no Python, no
+//! fixture files): a one-node graph of any op type, and a runnable Scaler model.
+
+use prost::Message;
+use tract_onnx::pb;
+
+fn tensor_input(name: &str, elem: pb::tensor_proto::DataType, dims: &[Option<i64>]) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::{dimension::Value as D, Dimension};
+    pb::ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(pb::TypeProto {
+            denotation: String::new(),
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: elem as i32,
+                shape: Some(pb::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|d| Dimension {
+                            denotation: String::new(),
+                            value: Some(match d {
+                                Some(v) => D::DimValue(*v),
+                                None => D::DimParam("N".into()),
+                            }),
+                        })
+                        .collect(),
+                }),
+            })),
+        }),
+        doc_string: String::new(),
+    }
+}
+
+fn model(node: pb::NodeProto, inputs: Vec<pb::ValueInfoProto>, outputs: Vec<pb::ValueInfoProto>, meta: &[(&str, &str)]) -> Vec<u8> {
+    let graph = pb::GraphProto { name: "test".into(), node: vec![node], input: inputs, output: outputs, ..Default::default() };
+    let proto = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![
+            pb::OperatorSetIdProto { domain: String::new(), version: 17 },
+            pb::OperatorSetIdProto { domain: "ai.onnx.ml".into(), version: 3 },
+        ],
+        graph: Some(graph),
+        metadata_props: meta
+            .iter()
+            .map(|(k, v)| pb::StringStringEntryProto { key: k.to_string(), value: v.to_string() })
+            .collect(),
+        ..Default::default()
+    };
+    proto.encode_to_vec()
+}
+
+/// A model with one node of `op_type` in `domain`, named `node_name`, reading float `x`.
+pub fn single_node_model(op_type: &str, domain: &str, node_name: &str) -> Vec<u8> {
+    let node = pb::NodeProto {
+        name: node_name.into(),
+        op_type: op_type.into(),
+        domain: domain.into(),
+        input: vec!["x".into()],
+        output: vec!["y".into()],
+        ..Default::default()
+    };
+    let f = pb::tensor_proto::DataType::Float;
+    model(node, vec![tensor_input("x", f, &[None, Some(1)])], vec![tensor_input("y", f, &[None, Some(1)])], &[])
+}
+
+/// A runnable model: `Scaler(offset = 0, scale = 2)` on float input `X` of `[N, features]`,
+/// output `Y`; with `feature_names` in the metadata when given.
+pub fn scaler_model(features: usize, feature_names: Option<&[&str]>) -> Vec<u8> {
+    let float_attr = |name: &str, v: f32| pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Floats as i32,
+        floats: vec![v],
+        ..Default::default()
+    };
+    let node = pb::NodeProto {
+        name: "scale".into(),
+        op_type: "Scaler".into(),
+        domain: "ai.onnx.ml".into(),
+        input: vec!["X".into()],
+        output: vec!["Y".into()],
+        attribute: vec![float_attr("offset", 0.0), float_attr("scale", 2.0)],
+        ..Default::default()
+    };
+    let f = pb::tensor_proto::DataType::Float;
+    let w = Some(features as i64);
+    let names = feature_names.map(|n| serde_json::to_string(n).unwrap_or_default());
+    let meta: Vec<(&str, &str)> = names.as_deref().map(|n| vec![("feature_names", n)]).unwrap_or_default();
+    model(node, vec![tensor_input("X", f, &[None, w])], vec![tensor_input("Y", f, &[None, w])], &meta)
+}
