@@ -114,8 +114,8 @@ fn wrong_column_count_and_unknown_input_are_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("2 columns") && err.contains("3 features"), "{err}");
 
-    let multi = corpus("dev", "column_transformer_multi_input");
-    if multi.exists() {
+    let multi = corpus("dev", "df_columntransformer_logreg");
+    {
         std::fs::write(&input, "no_such_column\n1\n").unwrap();
         let out = agent().args(["predict", "--model"]).arg(multi.join("model.onnx")).arg("--input").arg(&input).output().unwrap();
         assert_eq!(out.status.code(), Some(65));

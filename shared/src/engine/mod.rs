@@ -115,6 +115,7 @@ impl Model {
         let register = onnx.op_register.0.clone();
         let mut info = schema::inspect(bytes, |op| register.contains_key(op))?;
         schema::rewrite_map_inputs(&mut info)?;
+        schema::name_unknown_dims(&mut info);
         let parsed = onnx.parse(&info.proto, None).map_err(|e| EngineError::Load(chain(&e)))?;
         if !parsed.unresolved_inputs.is_empty() {
             return Err(EngineError::Load(format!(
@@ -141,7 +142,11 @@ impl Model {
             .iter()
             .flat_map(|g| g.initializer.iter().map(|i| i.name.as_str()))
             .collect();
-        for name in proto_inputs.iter().filter(|n| !initializers.contains(&n.as_str())) {
+        let map_values: Vec<String> = info.map_inputs.iter().map(|m| schema::map_values_name(&m.name)).collect();
+        for name in proto_inputs
+            .iter()
+            .filter(|n| !initializers.contains(&n.as_str()) && !map_values.contains(n))
+        {
             if let Some(map) = info.map_inputs.iter().find(|m| schema::map_keys_name(&m.name) == *name) {
                 graph_inputs.next();
                 graph_inputs.next();
@@ -240,7 +245,18 @@ impl Model {
 
     fn run_tensors(&self, inputs: TVec<TValue>) -> Result<Vec<Arc<Tensor>>, EngineError> {
         let out = self.plan.run(inputs).map_err(|e| EngineError::Run(chain(&e)))?;
-        Ok(out.into_iter().map(|v| v.into_arc_tensor()).collect())
+        out.into_iter()
+            .map(|v| {
+                let t = v.into_arc_tensor();
+                // tract types ONNX int64 computed from shapes as TDim; callers see int64
+                if t.datum_type() == DatumType::TDim {
+                    let cast = t.cast_to::<i64>().map_err(|e| EngineError::Run(chain(&e)))?;
+                    Ok(Arc::new(cast.into_owned()))
+                } else {
+                    Ok(t)
+                }
+            })
+            .collect()
     }
 
     /// Where row `row` of output `output` lives in its tensor: (first element, element count).
@@ -379,7 +395,7 @@ fn elem_of(dt: DatumType) -> Option<ElemType> {
     Some(match dt {
         DatumType::F32 => ElemType::F32,
         DatumType::F64 => ElemType::F64,
-        DatumType::I64 => ElemType::I64,
+        DatumType::I64 | DatumType::TDim => ElemType::I64,
         DatumType::I32 => ElemType::I32,
         DatumType::Bool => ElemType::Bool,
         DatumType::String => ElemType::String,

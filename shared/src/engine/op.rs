@@ -18,6 +18,8 @@ pub(crate) struct Fact {
 
 impl Fact {
     pub fn new(dt: DatumType, shape: impl IntoIterator<Item = TDim>) -> Fact {
+        // tract types int64 values computed from shapes as TDim; kernels see int64
+        let dt = if dt == DatumType::TDim { DatumType::I64 } else { dt };
         Fact { dt, shape: shape.into_iter().collect() }
     }
 
@@ -127,7 +129,11 @@ impl EvalOp for KernelOp {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let refs: Vec<&Tensor> = inputs.iter().map(|v| &**v).collect();
+        let cast: Vec<std::borrow::Cow<Tensor>> = inputs
+            .iter()
+            .map(|v| if v.datum_type() == DatumType::TDim { v.cast_to::<i64>() } else { Ok(std::borrow::Cow::Borrowed(&**v)) })
+            .collect::<TractResult<_>>()?;
+        let refs: Vec<&Tensor> = cast.iter().map(|v| &**v).collect();
         let out = self.0.eval(&refs)?;
         Ok(out.into_iter().map(|t| t.into_tvalue()).collect())
     }

@@ -256,6 +256,31 @@ pub(crate) fn node_name(node: &pb::NodeProto) -> String {
     }
 }
 
+/// Gives every graph-input dimension that has neither a value nor a name (exporters write
+/// `None` batch dimensions that way) a symbol, so tract can type the model: the first
+/// dimension becomes the shared batch symbol `N`, others a symbol of their own.
+pub(crate) fn name_unknown_dims(info: &mut ProtoInfo) {
+    use pb::tensor_shape_proto::dimension::Value as D;
+    let Some(graph) = info.proto.graph.as_mut() else { return };
+    for input in graph.input.iter_mut() {
+        let Some(pb::TypeProto { value: Some(pb::type_proto::Value::TensorType(t)), .. }) = input.r#type.as_mut() else {
+            continue;
+        };
+        let Some(shape) = t.shape.as_mut() else { continue };
+        for (ix, dim) in shape.dim.iter_mut().enumerate() {
+            let unnamed = match &dim.value {
+                None => true,
+                Some(D::DimParam(p)) => p.is_empty(),
+                Some(D::DimValue(v)) => *v < 0,
+            };
+            if unnamed {
+                let sym = if ix == 0 { "N".to_string() } else { format!("{}_dim{ix}", input.name.replace(|c: char| !c.is_ascii_alphanumeric(), "_")) };
+                dim.value = Some(D::DimParam(sym));
+            }
+        }
+    }
+}
+
 /// Name of the keys tensor that replaces map input `name`.
 pub(crate) fn map_keys_name(name: &str) -> String {
     format!("{name}.keys")
