@@ -51,13 +51,14 @@ pub(crate) fn logistic(val: f32) -> f32 {
     }
 }
 
-/// Approximate inverse error function (Winitzki), as onnxruntime's `ErfInv`.
+/// Approximate inverse error function (Winitzki), as onnxruntime's `ErfInv` (which uses
+/// `M_PI` since onnxruntime 1.17; earlier releases used the literal `3.14159f`).
 #[inline]
 pub(crate) fn erf_inv(x: f32) -> f32 {
     let sgn = if x < 0.0 { -1.0f32 } else { 1.0 };
     let x = (1.0 - x) * (1.0 + x);
     let log = x.ln();
-    let v = 2.0 / (3.14159f32 * 0.147) + 0.5 * log;
+    let v = 2.0 / (std::f32::consts::PI * 0.147) + 0.5 * log;
     let v2 = 1.0 / 0.147f32 * log;
     let v3 = -v + (v * v - v2).sqrt();
     sgn * v3.sqrt()
@@ -66,12 +67,15 @@ pub(crate) fn erf_inv(x: f32) -> f32 {
 /// Probit, as onnxruntime's `ComputeProbit`.
 #[inline]
 pub(crate) fn probit(val: f32) -> f32 {
-    1.41421356f32 * erf_inv(2.0 * val - 1.0)
+    std::f32::consts::SQRT_2 * erf_inv(2.0 * val - 1.0)
 }
 
 /// Softmax with max subtraction.
 pub(crate) fn softmax(values: &mut [f32]) {
-    let v_max = values.iter().copied().fold(-f32::MAX, |m, v| if v > m { v } else { m });
+    let v_max = values
+        .iter()
+        .copied()
+        .fold(-f32::MAX, |m, v| if v > m { v } else { m });
     let mut sum = 0.0f32;
     for v in values.iter_mut() {
         *v = (*v - v_max).exp();
@@ -84,7 +88,10 @@ pub(crate) fn softmax(values: &mut [f32]) {
 
 /// Softmax that leaves (near-)zero scores at zero, as onnxruntime's `ComputeSoftmaxZero`.
 pub(crate) fn softmax_zero(values: &mut [f32]) {
-    let v_max = values.iter().copied().fold(-f32::MAX, |m, v| if v > m { v } else { m });
+    let v_max = values
+        .iter()
+        .copied()
+        .fold(-f32::MAX, |m, v| if v > m { v } else { m });
     let exp_neg_v_max = (-v_max).exp();
     let mut sum = 0.0f32;
     for v in values.iter_mut() {
@@ -164,6 +171,12 @@ pub(crate) fn sigmoid_probability(score: f32, proba: f32, probb: f32) -> f32 {
 /// onnxruntime's `write_scores` for a one-score (binary) result: how the second class is
 /// added. `add_second_class`: 0/1 all weights positive, 2/3 mixed weights (winning class
 /// positive / negative); `None` leaves the single score as it is (after PROBIT if asked).
+/// Cases 2 and 3 both give `[-score, score]`, cases 0 and 1 `[1 - score, score]`; under
+/// LOGISTIC all four give `[logistic(-score), logistic(score)]`, as onnxruntime's current
+/// `write_scores` and its 1.32 output do (checked with TreeEnsembleClassifier).
+/// `batched_update_scores_inplace` pairs one score per row the same way (LinearClassifier,
+/// SVMClassifier; checked against onnxruntime 1.32), except that it applies PROBIT to the
+/// packed scores in place, which those callers reproduce themselves.
 pub(crate) fn binary_scores(
     score: f32,
     post_transform: PostTransform,
@@ -173,12 +186,11 @@ pub(crate) fn binary_scores(
         return ([probit(score), 0.0], 1);
     }
     match add_second_class {
-        Some(0) | Some(1) => ([1.0 - score, score], 2),
-        Some(2) | Some(3) if post_transform == PostTransform::Logistic => {
+        Some(0..=3) if post_transform == PostTransform::Logistic => {
             ([logistic(-score), logistic(score)], 2)
         }
-        Some(2) => ([-score, score], 2),
-        Some(3) => ([score, -score], 2),
+        Some(0) | Some(1) => ([1.0 - score, score], 2),
+        Some(2) | Some(3) => ([-score, score], 2),
         _ => ([score, 0.0], 1),
     }
 }
