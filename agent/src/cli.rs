@@ -16,7 +16,11 @@ pub const EXIT_CANT_CREATE: i32 = 73;
 pub const EXIT_USAGE: i32 = 64;
 
 #[derive(Debug, Parser)]
-#[command(name = "edge-agent", version, about = "Edge ML agent: local ONNX inference next to the machines")]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Edge ML agent: local ONNX inference next to the machines"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -54,7 +58,13 @@ pub enum FormatArg {
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> i32 {
     match cli.command {
-        Command::Predict { model, input, output, batch, format } => {
+        Command::Predict {
+            model,
+            input,
+            output,
+            batch,
+            format,
+        } => {
             let opts = PredictOptions {
                 model,
                 input,

@@ -51,7 +51,12 @@ pub enum PredictError {
     #[error("{path}: {message}")]
     Read { path: String, message: String },
     #[error("{path}: rows on lines {first_line}-{last_line}: {source}")]
-    Run { path: String, first_line: u64, last_line: u64, source: EngineError },
+    Run {
+        path: String,
+        first_line: u64,
+        last_line: u64,
+        source: EngineError,
+    },
     #[error("cannot write output {path}: {source}")]
     Output { path: String, source: io::Error },
     #[error("{0}")]
@@ -67,26 +72,48 @@ pub fn run(opts: &PredictOptions) -> Result<Summary, PredictError> {
     let raw: Box<dyn Read> = if stdin {
         Box::new(io::stdin())
     } else {
-        Box::new(File::open(&opts.input).map_err(|source| PredictError::OpenInput { path: input_name.clone(), source })?)
+        Box::new(
+            File::open(&opts.input).map_err(|source| PredictError::OpenInput {
+                path: input_name.clone(),
+                source,
+            })?,
+        )
     };
     let mut reader = BufReader::with_capacity(256 * 1024, LineCap::new(raw, MAX_LINE_BYTES));
     let format = match opts.format {
         Some(f) => f,
-        None => detect_format(&opts.input, &mut reader)
-            .map_err(|e| PredictError::Read { path: input_name.clone(), message: e.to_string() })?,
+        None => detect_format(&opts.input, &mut reader).map_err(|e| PredictError::Read {
+            path: input_name.clone(),
+            message: e.to_string(),
+        })?,
     };
     let mut sink = Sink::open(opts.output.as_deref())?;
-    let mut scorer = Scorer { model: &model, path: input_name, batch: opts.batch.max(1), rows: 0, first_line: 0, last_line: 0, buf: Vec::new() };
+    let mut scorer = Scorer {
+        model: &model,
+        path: input_name,
+        batch: opts.batch.max(1),
+        rows: 0,
+        first_line: 0,
+        last_line: 0,
+        buf: Vec::new(),
+    };
     match format {
         InputFormat::Csv => scorer.csv(reader, &mut sink)?,
         InputFormat::Jsonl => scorer.jsonl(reader, &mut sink)?,
     }
     sink.commit()?;
-    Ok(Summary { rows: scorer.rows, seconds: start.elapsed().as_secs_f64() })
+    Ok(Summary {
+        rows: scorer.rows,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 fn detect_format(path: &Path, reader: &mut impl BufRead) -> io::Result<InputFormat> {
-    match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+    {
         Some(e) if e == "csv" => return Ok(InputFormat::Csv),
         Some(e) if e == "jsonl" || e == "ndjson" || e == "json" => return Ok(InputFormat::Jsonl),
         _ => {}
@@ -94,7 +121,11 @@ fn detect_format(path: &Path, reader: &mut impl BufRead) -> io::Result<InputForm
     // No telling extension (standard input, .txt, ...): a JSON object starts with `{`.
     let buf = reader.fill_buf()?;
     let first = buf.iter().find(|b| !b.is_ascii_whitespace());
-    Ok(if first == Some(&b'{') { InputFormat::Jsonl } else { InputFormat::Csv })
+    Ok(if first == Some(&b'{') {
+        InputFormat::Jsonl
+    } else {
+        InputFormat::Csv
+    })
 }
 
 struct Scorer<'m> {
@@ -109,15 +140,24 @@ struct Scorer<'m> {
 
 impl<'m> Scorer<'m> {
     fn input_error(&self, source: InputError) -> PredictError {
-        PredictError::Input { path: self.path.clone(), source }
+        PredictError::Input {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn read_error(&self, message: impl Into<String>) -> PredictError {
-        PredictError::Read { path: self.path.clone(), message: message.into() }
+        PredictError::Read {
+            path: self.path.clone(),
+            message: message.into(),
+        }
     }
 
     fn csv(&mut self, reader: impl Read, sink: &mut Sink) -> Result<(), PredictError> {
-        let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(reader);
+        let mut rdr = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .flexible(true)
+            .from_reader(reader);
         let header: Vec<String> = rdr
             .headers()
             .map_err(|e| self.read_error(csv_message(&e)))?
@@ -128,7 +168,9 @@ impl<'m> Scorer<'m> {
             return Err(self.read_error("the input is empty: a CSV header row is required"));
         }
         let mut builder = self.model.batch_builder();
-        builder.set_header(&header).map_err(|e| self.input_error(e))?;
+        builder
+            .set_header(&header)
+            .map_err(|e| self.input_error(e))?;
         let mut record = csv::StringRecord::new();
         loop {
             match rdr.read_record(&mut record) {
@@ -138,7 +180,9 @@ impl<'m> Scorer<'m> {
             }
             let line = record.position().map_or(0, |p| p.line());
             let fields: Vec<&str> = record.iter().collect();
-            builder.push_csv(&fields, line).map_err(|e| self.input_error(e))?;
+            builder
+                .push_csv(&fields, line)
+                .map_err(|e| self.input_error(e))?;
             self.note_line(line);
             if builder.rows() >= self.batch {
                 self.flush(&mut builder, sink)?;
@@ -153,7 +197,9 @@ impl<'m> Scorer<'m> {
         let mut number = 0u64;
         loop {
             line.clear();
-            let n = reader.read_line(&mut line).map_err(|e| self.read_error(format!("line {}: {e}", number + 1)))?;
+            let n = reader
+                .read_line(&mut line)
+                .map_err(|e| self.read_error(format!("line {}: {e}", number + 1)))?;
             if n == 0 {
                 break;
             }
@@ -164,7 +210,9 @@ impl<'m> Scorer<'m> {
             }
             let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
                 .map_err(|e| self.read_error(format!("line {number}: not a JSON object: {e}")))?;
-            builder.push_json(&obj, number).map_err(|e| self.input_error(e))?;
+            builder
+                .push_json(&obj, number)
+                .map_err(|e| self.input_error(e))?;
             self.note_line(number);
             if builder.rows() >= self.batch {
                 self.flush(&mut builder, sink)?;
@@ -180,7 +228,11 @@ impl<'m> Scorer<'m> {
         self.last_line = line;
     }
 
-    fn flush(&mut self, builder: &mut BatchBuilder<'_>, sink: &mut Sink) -> Result<(), PredictError> {
+    fn flush(
+        &mut self,
+        builder: &mut BatchBuilder<'_>,
+        sink: &mut Sink,
+    ) -> Result<(), PredictError> {
         if builder.rows() == 0 {
             return Ok(());
         }
@@ -213,18 +265,35 @@ fn csv_message(e: &csv::Error) -> String {
 /// Where JSON lines go: standard output, or a temporary file renamed into place on commit.
 enum Sink {
     Stdout(BufWriter<io::Stdout>),
-    File { tmp: PathBuf, dest: PathBuf, out: Option<BufWriter<File>> },
+    File {
+        tmp: PathBuf,
+        dest: PathBuf,
+        out: Option<BufWriter<File>>,
+    },
 }
 
 impl Sink {
     fn open(output: Option<&Path>) -> Result<Sink, PredictError> {
         let Some(dest) = output.filter(|p| *p != Path::new("-")) else {
-            return Ok(Sink::Stdout(BufWriter::with_capacity(256 * 1024, io::stdout())));
+            return Ok(Sink::Stdout(BufWriter::with_capacity(
+                256 * 1024,
+                io::stdout(),
+            )));
         };
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "output".into());
         let tmp = dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-        let file = File::create(&tmp).map_err(|source| PredictError::Output { path: dest.display().to_string(), source })?;
-        Ok(Sink::File { tmp, dest: dest.to_path_buf(), out: Some(BufWriter::with_capacity(256 * 1024, file)) })
+        let file = File::create(&tmp).map_err(|source| PredictError::Output {
+            path: dest.display().to_string(),
+            source,
+        })?;
+        Ok(Sink::File {
+            tmp,
+            dest: dest.to_path_buf(),
+            out: Some(BufWriter::with_capacity(256 * 1024, file)),
+        })
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), PredictError> {
@@ -246,15 +315,21 @@ impl Sink {
 
     fn commit(mut self) -> Result<(), PredictError> {
         match &mut self {
-            Sink::Stdout(w) => w.flush().map_err(|source| PredictError::Output { path: "<stdout>".into(), source }),
+            Sink::Stdout(w) => w.flush().map_err(|source| PredictError::Output {
+                path: "<stdout>".into(),
+                source,
+            }),
             Sink::File { tmp, dest, out } => {
                 let path = dest.display().to_string();
-                let err = |source| PredictError::Output { path: path.clone(), source };
+                let err = |source| PredictError::Output {
+                    path: path.clone(),
+                    source,
+                };
                 if let Some(w) = out.take() {
                     let file = w.into_inner().map_err(|e| err(e.into_error()))?;
                     file.sync_all().map_err(err)?;
                 }
-                std::fs::rename(&tmp, &dest).map_err(err)?;
+                std::fs::rename(&*tmp, &*dest).map_err(err)?;
                 Ok(())
             }
         }
@@ -280,7 +355,11 @@ struct LineCap<R> {
 
 impl<R: Read> LineCap<R> {
     fn new(inner: R, cap: usize) -> LineCap<R> {
-        LineCap { inner, cap, current: 0 }
+        LineCap {
+            inner,
+            cap,
+            current: 0,
+        }
     }
 }
 

@@ -21,21 +21,30 @@ fn main() -> anyhow::Result<()> {
             other => corpus = PathBuf::from(other),
         }
     }
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&corpus)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&corpus)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     dirs.sort();
     let mut report = serde_json::Map::new();
     for dir in dirs {
-        let Ok(meta) = std::fs::read_to_string(dir.join("meta.json")) else { continue };
+        let Ok(meta) = std::fs::read_to_string(dir.join("meta.json")) else {
+            continue;
+        };
         let meta: serde_json::Value = serde_json::from_str(&meta)?;
         let id = meta["id"].as_str().unwrap_or_default().to_string();
-        if meta["bench"] != serde_json::Value::Bool(true) || only.as_ref().is_some_and(|o| !id.contains(o.as_str())) {
+        if meta["bench"] != serde_json::Value::Bool(true)
+            || only.as_ref().is_some_and(|o| !id.contains(o.as_str()))
+        {
             continue;
         }
         let model = Model::load(&dir.join("model.onnx"))?;
         let rows = read_rows(&dir.join("input.csv"))?;
         let (b1, b1000) = bench(&model, &rows, reps)?;
         eprintln!("{id}: batch 1 {b1:.2} us/row, batch 1000 {b1000:.3} us/row");
-        report.insert(id, serde_json::json!({"batch1_us": b1, "batch1000_us": b1000}));
+        report.insert(
+            id,
+            serde_json::json!({"batch1_us": b1, "batch1000_us": b1000}),
+        );
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
@@ -44,11 +53,20 @@ fn main() -> anyhow::Result<()> {
 fn read_rows(path: &Path) -> anyhow::Result<(Vec<String>, Vec<Vec<String>>)> {
     let mut rdr = csv::Reader::from_path(path)?;
     let header = rdr.headers()?.iter().map(String::from).collect();
-    let rows = rdr.records().map(|r| Ok(r?.iter().map(String::from).collect())).collect::<anyhow::Result<_>>()?;
+    let rows = rdr
+        .records()
+        .map(|r| Ok(r?.iter().map(String::from).collect()))
+        .collect::<anyhow::Result<_>>()?;
     Ok((header, rows))
 }
 
-fn batch_of(model: &Model, header: &[String], rows: &[Vec<String>], n: usize, offset: usize) -> anyhow::Result<Batch> {
+fn batch_of(
+    model: &Model,
+    header: &[String],
+    rows: &[Vec<String>],
+    n: usize,
+    offset: usize,
+) -> anyhow::Result<Batch> {
     let mut b = model.batch_builder();
     b.set_header(header)?;
     for i in 0..n {
@@ -62,9 +80,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn bench(model: &Model, (header, rows): &(Vec<String>, Vec<Vec<String>>), reps: usize) -> anyhow::Result<(f64, f64)> {
+fn bench(
+    model: &Model,
+    (header, rows): &(Vec<String>, Vec<Vec<String>>),
+    reps: usize,
+) -> anyhow::Result<(f64, f64)> {
     // batch 1: one run per row, as the agent's online path does
-    let singles: Vec<Batch> = (0..rows.len().min(200)).map(|i| batch_of(model, header, rows, 1, i)).collect::<anyhow::Result<_>>()?;
+    let singles: Vec<Batch> = (0..rows.len().min(200))
+        .map(|i| batch_of(model, header, rows, 1, i))
+        .collect::<anyhow::Result<_>>()?;
     for b in &singles {
         model.run(b)?; // warm-up
     }

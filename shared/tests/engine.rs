@@ -12,7 +12,9 @@ const RTOL: f64 = 1e-4;
 const ATOL: f64 = 1e-5;
 
 fn corpus_dir(set: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus").join(set)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/corpus")
+        .join(set)
 }
 
 fn model_dirs(set: &str) -> Vec<PathBuf> {
@@ -31,29 +33,50 @@ fn load_batch(model: &Model, dir: &Path) -> shared::engine::Batch {
     let mut builder = model.batch_builder();
     let csv_path = dir.join("input.csv");
     if csv_path.is_file() {
-        let mut reader = csv::ReaderBuilder::new().from_path(&csv_path).expect("open input.csv");
-        let header: Vec<String> = reader.headers().expect("header").iter().map(String::from).collect();
-        builder.set_header(&header).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let mut reader = csv::ReaderBuilder::new()
+            .from_path(&csv_path)
+            .expect("open input.csv");
+        let header: Vec<String> = reader
+            .headers()
+            .expect("header")
+            .iter()
+            .map(String::from)
+            .collect();
+        builder
+            .set_header(&header)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         for (ix, rec) in reader.records().enumerate() {
             let rec = rec.expect("csv record");
             let fields: Vec<&str> = rec.iter().collect();
-            builder.push_csv(&fields, ix as u64 + 2).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            builder
+                .push_csv(&fields, ix as u64 + 2)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         }
     } else {
         let text = std::fs::read_to_string(dir.join("input.jsonl")).expect("input.jsonl");
-        for (ix, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (ix, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             let obj: serde_json::Map<String, Value> = serde_json::from_str(line).expect("json row");
-            builder.push_json(&obj, ix as u64 + 1).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            builder
+                .push_json(&obj, ix as u64 + 1)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         }
     }
     builder.take()
 }
 
 fn close(got: &Value, want: &Value, path: &str) -> Result<(), String> {
-    let nan_like = |v: &Value| v.is_null() || matches!(v.as_str(), Some("NaN" | "Infinity" | "-Infinity"));
+    let nan_like =
+        |v: &Value| v.is_null() || matches!(v.as_str(), Some("NaN" | "Infinity" | "-Infinity"));
     match (got, want) {
         (Value::Number(g), Value::Number(w)) => {
-            let (g, w) = (g.as_f64().unwrap_or(f64::NAN), w.as_f64().unwrap_or(f64::NAN));
+            let (g, w) = (
+                g.as_f64().unwrap_or(f64::NAN),
+                w.as_f64().unwrap_or(f64::NAN),
+            );
             if (g - w).abs() <= ATOL + RTOL * w.abs() {
                 Ok(())
             } else {
@@ -62,13 +85,19 @@ fn close(got: &Value, want: &Value, path: &str) -> Result<(), String> {
         }
         (g, w) if nan_like(w) && nan_like(g) => Ok(()),
         (Value::String(g), Value::String(w)) if g == w => Ok(()),
-        (Value::Array(g), Value::Array(w)) if g.len() == w.len() => {
-            g.iter().zip(w).enumerate().try_for_each(|(i, (g, w))| close(g, w, &format!("{path}[{i}]")))
+        (Value::Array(g), Value::Array(w)) if g.len() == w.len() => g
+            .iter()
+            .zip(w)
+            .enumerate()
+            .try_for_each(|(i, (g, w))| close(g, w, &format!("{path}[{i}]"))),
+        (Value::Object(g), Value::Object(w)) if g.len() == w.len() => {
+            w.iter().try_for_each(|(k, wv)| {
+                let gv = g
+                    .get(k)
+                    .ok_or_else(|| format!("{path}: key {k:?} missing"))?;
+                close(gv, wv, &format!("{path}.{k}"))
+            })
         }
-        (Value::Object(g), Value::Object(w)) if g.len() == w.len() => w.iter().try_for_each(|(k, wv)| {
-            let gv = g.get(k).ok_or_else(|| format!("{path}: key {k:?} missing"))?;
-            close(gv, wv, &format!("{path}.{k}"))
-        }),
         (g, w) => Err(format!("{path}: got {g}, want {w}")),
     }
 }
@@ -78,7 +107,10 @@ fn check_set(set: &str) -> (usize, usize, Vec<String>) {
     let mut failures = Vec::new();
     let (mut models, mut rows) = (0, 0);
     for dir in model_dirs(set) {
-        let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let id = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let model = match Model::load(&dir.join("model.onnx")) {
             Ok(m) => m,
             Err(e) => {
@@ -93,7 +125,11 @@ fn check_set(set: &str) -> (usize, usize, Vec<String>) {
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).expect("expected row"))
             .collect();
-        assert_eq!(batch.rows, expected.len(), "{id}: input and expected row counts differ");
+        assert_eq!(
+            batch.rows,
+            expected.len(),
+            "{id}: input and expected row counts differ"
+        );
         let out = match model.run(&batch) {
             Ok(o) => o,
             Err(e) => {
@@ -118,7 +154,12 @@ fn check_set(set: &str) -> (usize, usize, Vec<String>) {
         }
         rows += expected.len();
         if !bad.is_empty() {
-            failures.push(format!("{id}: {} of {} rows differ; first: {}", bad.len(), expected.len(), bad[0]));
+            failures.push(format!(
+                "{id}: {} of {} rows differ; first: {}",
+                bad.len(),
+                expected.len(),
+                bad[0]
+            ));
         }
     }
     (models, rows, failures)
@@ -128,7 +169,12 @@ fn check_set(set: &str) -> (usize, usize, Vec<String>) {
 fn dev_corpus_matches_onnxruntime() {
     let (models, rows, failures) = check_set("dev");
     eprintln!("dev corpus: {models} models, {rows} rows");
-    assert!(failures.is_empty(), "{} models differ from onnxruntime:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} models differ from onnxruntime:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert!(models >= 20, "dev corpus has only {models} runnable models");
 }
 
@@ -136,8 +182,16 @@ fn dev_corpus_matches_onnxruntime() {
 fn unseen_corpus_matches_onnxruntime() {
     let (models, rows, failures) = check_set("unseen");
     eprintln!("unseen corpus: {models} models, {rows} rows");
-    assert!(failures.is_empty(), "{} models differ from onnxruntime:\n{}", failures.len(), failures.join("\n"));
-    assert!(models >= 10, "unseen corpus has only {models} runnable models");
+    assert!(
+        failures.is_empty(),
+        "{} models differ from onnxruntime:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        models >= 10,
+        "unseen corpus has only {models} runnable models"
+    );
 }
 
 #[test]
@@ -150,16 +204,23 @@ fn every_registered_operator_is_covered_by_the_dev_corpus() {
             }
         }
     }
-    let missing: Vec<&&str> =
-        shared::engine::ML_OPERATORS.iter().filter(|op| !seen.contains(**op)).collect();
-    assert!(missing.is_empty(), "operators with no corpus model: {missing:?}");
+    let missing: Vec<&&str> = shared::engine::ML_OPERATORS
+        .iter()
+        .filter(|op| !seen.contains(**op))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "operators with no corpus model: {missing:?}"
+    );
 }
 
 #[test]
 fn single_rows_match_the_batch() {
     // The agent's online path scores one row at a time: it must agree with batch scoring.
     for dir in model_dirs("dev") {
-        let Ok(model) = Model::load(&dir.join("model.onnx")) else { continue };
+        let Ok(model) = Model::load(&dir.join("model.onnx")) else {
+            continue;
+        };
         let batch = load_batch(&model, &dir);
         let whole = model.run(&batch).expect("batch run");
         let mut builder = model.batch_builder();
@@ -170,7 +231,12 @@ fn single_rows_match_the_batch() {
             continue;
         }
         let mut reader = csv::Reader::from_path(&csv_path).expect("csv");
-        let header: Vec<String> = reader.headers().expect("header").iter().map(String::from).collect();
+        let header: Vec<String> = reader
+            .headers()
+            .expect("header")
+            .iter()
+            .map(String::from)
+            .collect();
         builder.set_header(&header).expect("header");
         for (row, rec) in reader.records().take(rows).enumerate() {
             let rec = rec.expect("record");
@@ -201,15 +267,23 @@ fn missing_file_names_the_path() {
 
 #[test]
 fn unsupported_operator_names_op_and_node() {
-    let bytes = shared::engine::testing::single_node_model("FrobnicateMagic", "ai.example", "my_node");
+    let bytes =
+        shared::engine::testing::single_node_model("FrobnicateMagic", "ai.example", "my_node");
     let err = Model::from_bytes(&bytes).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, EngineError::UnsupportedOperator { .. }), "{msg}");
-    assert!(msg.contains("FrobnicateMagic") && msg.contains("my_node") && msg.contains("ai.example"), "{msg}");
+    assert!(
+        matches!(err, EngineError::UnsupportedOperator { .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("FrobnicateMagic") && msg.contains("my_node") && msg.contains("ai.example"),
+        "{msg}"
+    );
 }
 
 fn scaler(features: usize, names: Option<&[&str]>) -> Model {
-    Model::from_bytes(&shared::engine::testing::scaler_model(features, names)).expect("scaler model loads")
+    Model::from_bytes(&shared::engine::testing::scaler_model(features, names))
+        .expect("scaler model loads")
 }
 
 #[test]
@@ -223,7 +297,10 @@ fn csv_rows_feed_a_single_input_in_order() {
     assert_eq!(out.rows, 2);
     let row0 = model.render_row(&out, 0);
     assert_eq!(row0["Y"][0], 2.0);
-    assert!(row0["Y"][1].is_null(), "an empty cell is NaN, rendered null: {row0:?}");
+    assert!(
+        row0["Y"][1].is_null(),
+        "an empty cell is NaN, rendered null: {row0:?}"
+    );
     assert_eq!(row0["Y"][2], -5.0);
     let mut buf = Vec::new();
     model.write_row_json(&out, 1, &mut buf);
@@ -235,11 +312,17 @@ fn bad_rows_are_named() {
     let model = scaler(3, None);
     let mut b = model.batch_builder();
     let err = b.set_header(&["a", "b"]).unwrap_err();
-    assert!(err.to_string().contains("2 columns") && err.to_string().contains("3 features"), "{err}");
+    assert!(
+        err.to_string().contains("2 columns") && err.to_string().contains("3 features"),
+        "{err}"
+    );
     b.set_header(&["a", "b", "temp"]).unwrap();
     b.push_csv(&["1", "2", "3"], 2).unwrap();
     let err = b.push_csv(&["1", "2", "hot"], 3).unwrap_err();
-    assert_eq!(err.to_string(), r#"line 3, column "temp": "hot" is not a number"#);
+    assert_eq!(
+        err.to_string(),
+        r#"line 3, column "temp": "hot" is not a number"#
+    );
     let err = b.push_csv(&["1", "2"], 4).unwrap_err();
     assert_eq!(err.to_string(), "line 4: 2 fields, the header has 3");
     // failed rows leave nothing behind
@@ -254,15 +337,34 @@ fn json_rows_by_input_name_or_feature_name() {
     let row = |s: &str| serde_json::from_str::<serde_json::Map<String, Value>>(s).unwrap();
     b.push_json(&row(r#"{"X": [1, 2]}"#), 1).unwrap();
     b.push_json(&row(r#"{"temp": 3, "speed": 4}"#), 2).unwrap();
-    let err = b.push_json(&row(r#"{"speed": 4, "pressure": 1}"#), 3).unwrap_err();
-    assert!(err.to_string().contains("line 3") && err.to_string().contains("pressure"), "{err}");
+    let err = b
+        .push_json(&row(r#"{"speed": 4, "pressure": 1}"#), 3)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("line 3") && err.to_string().contains("pressure"),
+        "{err}"
+    );
     let err = b.push_json(&row(r#"{"speed": 4}"#), 4).unwrap_err();
-    assert!(err.to_string().contains("temp") && err.to_string().contains("missing"), "{err}");
-    let err = b.push_json(&row(r#"{"speed": "fast", "temp": 1}"#), 5).unwrap_err();
-    assert!(err.to_string().contains("speed") && err.to_string().contains("not a number"), "{err}");
+    assert!(
+        err.to_string().contains("temp") && err.to_string().contains("missing"),
+        "{err}"
+    );
+    let err = b
+        .push_json(&row(r#"{"speed": "fast", "temp": 1}"#), 5)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("speed") && err.to_string().contains("not a number"),
+        "{err}"
+    );
     let err = b.push_json(&row(r#"{"X": [1, 2, 3]}"#), 6).unwrap_err();
-    assert!(err.to_string().contains("expected 2 values, got 3"), "{err}");
+    assert!(
+        err.to_string().contains("expected 2 values, got 3"),
+        "{err}"
+    );
     let out = model.run(&b.take()).unwrap();
     assert_eq!(out.rows, 2);
-    assert_eq!(model.render_row(&out, 1)["Y"], serde_json::json!([8.0, 6.0]));
+    assert_eq!(
+        model.render_row(&out, 1)["Y"],
+        serde_json::json!([8.0, 6.0])
+    );
 }

@@ -8,7 +8,10 @@ use std::sync::OnceLock;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Path to a built workspace binary (`edge-agent`, `fleet-server`, `fleetctl`), building the
@@ -17,12 +20,17 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     // target/<profile>/deps/e2e-<hash>  ->  target/<profile>/<name>
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target profile dir").to_path_buf();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir")
+        .to_path_buf();
     let path = dir.join(name);
     BUILT.get_or_init(|| {
         let release = dir.file_name().is_some_and(|n| n == "release");
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(root()).args(["build", "--bins", "-p", "edge-agent", "-p", "fleet-server"]);
+        cmd.current_dir(root())
+            .args(["build", "--bins", "-p", "edge-agent", "-p", "fleet-server"]);
         if release {
             cmd.arg("--release");
         }
@@ -40,5 +48,8 @@ pub fn corpus(set: &str, id: &str) -> PathBuf {
 
 /// A fresh scratch directory, removed when dropped.
 pub fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("edge-e2e-").tempdir().expect("create scratch dir")
+    tempfile::Builder::new()
+        .prefix("edge-e2e-")
+        .tempdir()
+        .expect("create scratch dir")
 }

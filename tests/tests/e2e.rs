@@ -39,15 +39,25 @@ fn predict_csv_file_matches_onnxruntime() {
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(&want) {
         assert_eq!(g["output_label"], w["output_label"]);
-        let (gp, wp) = (g["output_probability"].as_object().unwrap(), w["output_probability"].as_object().unwrap());
-        assert_eq!(gp.keys().collect::<Vec<_>>(), wp.keys().collect::<Vec<_>>(), "ZipMap renders label -> probability");
+        let (gp, wp) = (
+            g["output_probability"].as_object().unwrap(),
+            w["output_probability"].as_object().unwrap(),
+        );
+        assert_eq!(
+            gp.keys().collect::<Vec<_>>(),
+            wp.keys().collect::<Vec<_>>(),
+            "ZipMap renders label -> probability"
+        );
         for (k, v) in wp {
             let (a, b) = (gp[k].as_f64().unwrap(), v.as_f64().unwrap());
             assert!((a - b).abs() <= 1e-5 + 1e-4 * b.abs(), "{k}: {a} vs {b}");
         }
     }
     // nothing else left next to the output
-    let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
 
@@ -73,8 +83,15 @@ fn predict_jsonl_from_stdin() {
         .write_all(b"{\"speed\": 1.5, \"temp\": null}\n\n{\"X\": [2, 3]}\n")
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), "{\"Y\":[3,null]}\n{\"Y\":[4,6]}\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "{\"Y\":[3,null]}\n{\"Y\":[4,6]}\n"
+    );
 }
 
 #[test]
@@ -97,9 +114,19 @@ fn bad_cell_names_line_and_column_and_leaves_no_output() {
         .unwrap();
     assert_eq!(out.status.code(), Some(65));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("rows.csv") && err.contains("line 4") && err.contains("\"temp\"") && err.contains("\"warm\" is not a number"), "{err}");
+    assert!(
+        err.contains("rows.csv")
+            && err.contains("line 4")
+            && err.contains("\"temp\"")
+            && err.contains("\"warm\" is not a number"),
+        "{err}"
+    );
     assert!(!output.exists(), "no half-written output");
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2, "no temporary file left behind");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        2,
+        "no temporary file left behind"
+    );
 }
 
 #[test]
@@ -109,15 +136,30 @@ fn wrong_column_count_and_unknown_input_are_named() {
     std::fs::write(&model, shared::engine::testing::scaler_model(3, None)).unwrap();
     let input = tmp.path().join("rows.csv");
     std::fs::write(&input, "a,b\n1,2\n").unwrap();
-    let out = agent().args(["predict", "--model"]).arg(&model).arg("--input").arg(&input).output().unwrap();
+    let out = agent()
+        .args(["predict", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(65));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("2 columns") && err.contains("3 features"), "{err}");
+    assert!(
+        err.contains("2 columns") && err.contains("3 features"),
+        "{err}"
+    );
 
     let multi = corpus("dev", "df_columntransformer_logreg");
     {
         std::fs::write(&input, "no_such_column\n1\n").unwrap();
-        let out = agent().args(["predict", "--model"]).arg(multi.join("model.onnx")).arg("--input").arg(&input).output().unwrap();
+        let out = agent()
+            .args(["predict", "--model"])
+            .arg(multi.join("model.onnx"))
+            .arg("--input")
+            .arg(&input)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(65));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("\"no_such_column\" is not an input"), "{err}");
@@ -131,17 +173,40 @@ fn not_onnx_and_unsupported_operator_are_clear_errors() {
     std::fs::write(&input, "x\n1\n").unwrap();
     let not_onnx = tmp.path().join("model.onnx");
     std::fs::write(&not_onnx, "hello, I am a text file").unwrap();
-    let out = agent().args(["predict", "--model"]).arg(&not_onnx).arg("--input").arg(&input).output().unwrap();
+    let out = agent()
+        .args(["predict", "--model"])
+        .arg(&not_onnx)
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(65));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not an ONNX model"));
 
     let weird = tmp.path().join("weird.onnx");
-    std::fs::write(&weird, shared::engine::testing::single_node_model("TimeTravel", "ai.example", "node_42")).unwrap();
-    let out = agent().args(["predict", "--model"]).arg(&weird).arg("--input").arg(&input).output().unwrap();
+    std::fs::write(
+        &weird,
+        shared::engine::testing::single_node_model("TimeTravel", "ai.example", "node_42"),
+    )
+    .unwrap();
+    let out = agent()
+        .args(["predict", "--model"])
+        .arg(&weird)
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(65));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unsupported operator ai.example:TimeTravel") && err.contains("node_42"), "{err}");
+    assert!(
+        err.contains("unsupported operator ai.example:TimeTravel") && err.contains("node_42"),
+        "{err}"
+    );
 
-    let out = agent().args(["predict", "--model", "/nonexistent.onnx", "--input"]).arg(&input).output().unwrap();
+    let out = agent()
+        .args(["predict", "--model", "/nonexistent.onnx", "--input"])
+        .arg(&input)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(66));
 }

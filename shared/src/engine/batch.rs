@@ -28,7 +28,11 @@ fn location(line: u64, column: Option<&str>) -> String {
 
 impl InputError {
     fn new(line: u64, column: Option<&str>, message: impl Into<String>) -> InputError {
-        InputError { line, column: column.map(str::to_string), message: message.into() }
+        InputError {
+            line,
+            column: column.map(str::to_string),
+            message: message.into(),
+        }
     }
 }
 
@@ -110,13 +114,26 @@ impl Column {
     fn push_text(&mut self, cell: &str) -> Result<(), String> {
         let t = cell.trim();
         match self {
-            Column::F32(v) => v.push(if t.is_empty() { f32::NAN } else { parse_float(t)? as f32 }),
-            Column::F64(v) => v.push(if t.is_empty() { f64::NAN } else { parse_float(t)? }),
+            Column::F32(v) => v.push(if t.is_empty() {
+                f32::NAN
+            } else {
+                parse_float(t)? as f32
+            }),
+            Column::F64(v) => v.push(if t.is_empty() {
+                f64::NAN
+            } else {
+                parse_float(t)?
+            }),
             Column::I64(v) => v.push(t.parse().map_err(|_| format!("{t:?} is not an integer"))?),
-            Column::I32(v) => v.push(t.parse().map_err(|_| format!("{t:?} is not a 32-bit integer"))?),
+            Column::I32(v) => v.push(
+                t.parse()
+                    .map_err(|_| format!("{t:?} is not a 32-bit integer"))?,
+            ),
             Column::Bool(v) => v.push(parse_bool(t)?),
             Column::Str(v) => v.push(cell.to_string()),
-            Column::Map(_) => return Err("a map input cannot be fed from CSV; use JSON lines".into()),
+            Column::Map(_) => {
+                return Err("a map input cannot be fed from CSV; use JSON lines".into())
+            }
         }
         Ok(())
     }
@@ -147,7 +164,11 @@ impl Column {
             (Column::F64(v), Value::String(_)) => v.push(f64::NAN),
             (Column::Map(_), _) => return Err("expected an object for a map input".into()),
             (col, other) => {
-                return Err(format!("expected {}, got {}", col.expected(), json_kind(other)))
+                return Err(format!(
+                    "expected {}, got {}",
+                    col.expected(),
+                    json_kind(other)
+                ))
             }
         }
         Ok(())
@@ -165,7 +186,8 @@ impl Column {
 }
 
 fn parse_float(t: &str) -> Result<f64, String> {
-    t.parse::<f64>().map_err(|_| format!("{t:?} is not a number"))
+    t.parse::<f64>()
+        .map_err(|_| format!("{t:?} is not a number"))
 }
 
 fn parse_bool(t: &str) -> Result<bool, String> {
@@ -202,21 +224,35 @@ impl Batch {
         self.slice_tensors(model, 0, self.rows)
     }
 
-    pub(crate) fn row_tensors(&self, model: &Model, row: usize) -> Result<TVec<TValue>, EngineError> {
+    pub(crate) fn row_tensors(
+        &self,
+        model: &Model,
+        row: usize,
+    ) -> Result<TVec<TValue>, EngineError> {
         self.slice_tensors(model, row, 1)
     }
 
-    fn slice_tensors(&self, model: &Model, start: usize, len: usize) -> Result<TVec<TValue>, EngineError> {
+    fn slice_tensors(
+        &self,
+        model: &Model,
+        start: usize,
+        len: usize,
+    ) -> Result<TVec<TValue>, EngineError> {
         let mut out = TVec::new();
         for ((info, col), &width) in model.inputs().iter().zip(&self.columns).zip(&self.widths) {
-            let err = |e: anyhow::Error| EngineError::Input { input: info.name.clone(), message: e.to_string() };
+            let err = |e: anyhow::Error| EngineError::Input {
+                input: info.name.clone(),
+                message: e.to_string(),
+            };
             let shape: Vec<usize> = match info.shape.first() {
                 None => vec![],
                 Some(Some(fixed)) => {
                     if *fixed != len {
                         return Err(EngineError::Input {
                             input: info.name.clone(),
-                            message: format!("the model takes exactly {fixed} rows per run, got {len}"),
+                            message: format!(
+                                "the model takes exactly {fixed} rows per run, got {len}"
+                            ),
                         });
                     }
                     info.shape.iter().map(|d| d.unwrap_or(1)).collect()
@@ -235,9 +271,11 @@ impl Batch {
                 Column::I64(v) => tensor_of(&shape, &v[a..b]).map_err(err)?,
                 Column::I32(v) => tensor_of(&shape, &v[a..b]).map_err(err)?,
                 Column::Bool(v) => tensor_of(&shape, &v[a..b]).map_err(err)?,
-                Column::Str(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v[a..b].to_vec())
-                    .map_err(|e| err(e.into()))?
-                    .into_tensor(),
+                Column::Str(v) => {
+                    tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v[a..b].to_vec())
+                        .map_err(|e| err(e.into()))?
+                        .into_tensor()
+                }
                 Column::Map(rows) => {
                     let row = match &rows[start..start + len] {
                         [row] => row,
@@ -254,7 +292,9 @@ impl Batch {
                         MapValues::F32(v) => tensor_of(&[k], v).map_err(err)?,
                         MapValues::F64(v) => tensor_of(&[k], v).map_err(err)?,
                         MapValues::I64(v) => tensor_of(&[k], v).map_err(err)?,
-                        MapValues::Str(v) => tract_ndarray::Array1::from_vec(v.clone()).into_tensor(),
+                        MapValues::Str(v) => {
+                            tract_ndarray::Array1::from_vec(v.clone()).into_tensor()
+                        }
                     };
                     out.push(values.into_tvalue());
                     continue;
@@ -293,7 +333,14 @@ impl<'m> BatchBuilder<'m> {
     pub(crate) fn new(model: &'m Model) -> BatchBuilder<'m> {
         let columns = model.inputs().iter().map(Column::empty).collect();
         let widths = model.inputs().iter().map(|i| i.width()).collect();
-        BatchBuilder { model, layout: None, widths, columns, rows: 0, header: Vec::new() }
+        BatchBuilder {
+            model,
+            layout: None,
+            widths,
+            columns,
+            rows: 0,
+            header: Vec::new(),
+        }
     }
 
     /// Rows collected so far.
@@ -310,7 +357,10 @@ impl<'m> BatchBuilder<'m> {
 
     /// Fixes how CSV columns map to inputs, from the header row.
     pub fn set_header<S: AsRef<str>>(&mut self, header: &[S]) -> Result<(), InputError> {
-        let names: Vec<String> = header.iter().map(|h| h.as_ref().trim().to_string()).collect();
+        let names: Vec<String> = header
+            .iter()
+            .map(|h| h.as_ref().trim().to_string())
+            .collect();
         let inputs = self.model.inputs();
         let is_input_names = names.iter().all(|n| inputs.iter().any(|i| i.name == *n));
         let layout = match self.single_input() {
@@ -338,17 +388,27 @@ impl<'m> BatchBuilder<'m> {
                         return Err(InputError::new(
                             1,
                             Some(name),
-                            format!("is not an input of the model (inputs: {})", input_list(self.model)),
+                            format!(
+                                "is not an input of the model (inputs: {})",
+                                input_list(self.model)
+                            ),
                         ));
                     };
                     if map.contains(&ix) {
-                        return Err(InputError::new(1, Some(name), "appears twice in the header"));
+                        return Err(InputError::new(
+                            1,
+                            Some(name),
+                            "appears twice in the header",
+                        ));
                     }
                     if self.widths[ix] != 1 {
                         return Err(InputError::new(
                             1,
                             Some(name),
-                            format!("input takes {} values per row; a CSV column holds one", self.widths[ix]),
+                            format!(
+                                "input takes {} values per row; a CSV column holds one",
+                                self.widths[ix]
+                            ),
                         ));
                     }
                     map.push(ix);
@@ -377,7 +437,11 @@ impl<'m> BatchBuilder<'m> {
             return Err(InputError::new(
                 line,
                 None,
-                format!("{} fields, the header has {}", record.len(), self.header.len()),
+                format!(
+                    "{} fields, the header has {}",
+                    record.len(),
+                    self.header.len()
+                ),
             ));
         }
         let before: Vec<usize> = self.columns.iter().map(Column::len).collect();
@@ -397,25 +461,41 @@ impl<'m> BatchBuilder<'m> {
     }
 
     /// Adds one JSON object: keys are input names, or feature names for a single 2-D input.
-    pub fn push_json(&mut self, obj: &serde_json::Map<String, serde_json::Value>, line: u64) -> Result<(), InputError> {
+    pub fn push_json(
+        &mut self,
+        obj: &serde_json::Map<String, serde_json::Value>,
+        line: u64,
+    ) -> Result<(), InputError> {
         let before: Vec<usize> = self.columns.iter().map(Column::len).collect();
         let result = self.push_json_inner(obj, line);
         self.finish_row(result, &before)
     }
 
-    fn push_json_inner(&mut self, obj: &serde_json::Map<String, serde_json::Value>, line: u64) -> Result<(), InputError> {
+    fn push_json_inner(
+        &mut self,
+        obj: &serde_json::Map<String, serde_json::Value>,
+        line: u64,
+    ) -> Result<(), InputError> {
         let model = self.model;
         let inputs = model.inputs();
         for key in obj.keys() {
             let known = inputs.iter().any(|i| i.name == *key)
-                || model.feature_names().is_some_and(|f| f.iter().any(|n| n == key) && self.single_input().is_some());
+                || model
+                    .feature_names()
+                    .is_some_and(|f| f.iter().any(|n| n == key) && self.single_input().is_some());
             if !known {
                 return Err(InputError::new(
                     line,
                     Some(key),
-                    format!("is not an input{} of the model (inputs: {})",
-                        if model.feature_names().is_some() { " or feature" } else { "" },
-                        input_list(model)),
+                    format!(
+                        "is not an input{} of the model (inputs: {})",
+                        if model.feature_names().is_some() {
+                            " or feature"
+                        } else {
+                            ""
+                        },
+                        input_list(model)
+                    ),
                 ));
             }
         }
@@ -428,7 +508,11 @@ impl<'m> BatchBuilder<'m> {
                             return Err(InputError::new(
                                 line,
                                 Some(&info.name),
-                                format!("the model has {} feature names for {} features", features.len(), self.widths[0]),
+                                format!(
+                                    "the model has {} feature names for {} features",
+                                    features.len(),
+                                    self.widths[0]
+                                ),
                             ));
                         }
                         self.widths[0] = features.len();
@@ -436,7 +520,9 @@ impl<'m> BatchBuilder<'m> {
                             let v = obj.get(f).ok_or_else(|| {
                                 InputError::new(line, Some(f), "feature is missing")
                             })?;
-                            self.columns[0].push_json(v).map_err(|m| InputError::new(line, Some(f), m))?;
+                            self.columns[0]
+                                .push_json(v)
+                                .map_err(|m| InputError::new(line, Some(f), m))?;
                         }
                     }
                     _ => {
@@ -456,15 +542,27 @@ impl<'m> BatchBuilder<'m> {
         Ok(())
     }
 
-    fn push_json_input(&mut self, ix: usize, value: &serde_json::Value, line: u64) -> Result<(), InputError> {
+    fn push_json_input(
+        &mut self,
+        ix: usize,
+        value: &serde_json::Value,
+        line: u64,
+    ) -> Result<(), InputError> {
         use serde_json::Value;
         let info = &self.model.inputs()[ix];
         let name = info.name.as_str();
         if let Some(vt) = info.map_value {
             let Value::Object(map) = value else {
-                return Err(InputError::new(line, Some(name), format!("expected an object (a map), got {}", json_kind(value))));
+                return Err(InputError::new(
+                    line,
+                    Some(name),
+                    format!("expected an object (a map), got {}", json_kind(value)),
+                ));
             };
-            let mut row = MapRow { keys: Vec::with_capacity(map.len()), values: MapValues::default() };
+            let mut row = MapRow {
+                keys: Vec::with_capacity(map.len()),
+                values: MapValues::default(),
+            };
             let mut col = match vt {
                 ElemType::F32 => Column::F32(Vec::new()),
                 ElemType::F64 => Column::F64(Vec::new()),
@@ -476,7 +574,8 @@ impl<'m> BatchBuilder<'m> {
                     InputError::new(line, Some(name), format!("map key {k:?} is not an integer"))
                 })?;
                 row.keys.push(key);
-                col.push_json(v).map_err(|m| InputError::new(line, Some(name), format!("key {k}: {m}")))?;
+                col.push_json(v)
+                    .map_err(|m| InputError::new(line, Some(name), format!("key {k}: {m}")))?;
             }
             row.values = match col {
                 Column::F32(v) => MapValues::F32(v),
@@ -492,22 +591,35 @@ impl<'m> BatchBuilder<'m> {
         }
         let mut flat = Vec::new();
         flatten(value, &mut flat);
-        let width = if self.single_input().is_some() && info.shape.get(1).is_some_and(|d| d.is_none()) && self.rows == 0 {
+        let width = if self.single_input().is_some()
+            && info.shape.get(1).is_some_and(|d| d.is_none())
+            && self.rows == 0
+        {
             flat.len()
         } else {
             self.widths[ix]
         };
         if flat.len() != width {
-            return Err(InputError::new(line, Some(name), format!("expected {width} values, got {}", flat.len())));
+            return Err(InputError::new(
+                line,
+                Some(name),
+                format!("expected {width} values, got {}", flat.len()),
+            ));
         }
         self.widths[ix] = width;
         for v in flat {
-            self.columns[ix].push_json(v).map_err(|m| InputError::new(line, Some(name), m))?;
+            self.columns[ix]
+                .push_json(v)
+                .map_err(|m| InputError::new(line, Some(name), m))?;
         }
         Ok(())
     }
 
-    fn finish_row(&mut self, result: Result<(), InputError>, before: &[usize]) -> Result<(), InputError> {
+    fn finish_row(
+        &mut self,
+        result: Result<(), InputError>,
+        before: &[usize],
+    ) -> Result<(), InputError> {
         match result {
             Ok(()) => {
                 self.rows += 1;
@@ -527,7 +639,11 @@ impl<'m> BatchBuilder<'m> {
         let empty: Vec<Column> = self.model.inputs().iter().map(Column::empty).collect();
         let columns = std::mem::replace(&mut self.columns, empty);
         let rows = std::mem::take(&mut self.rows);
-        Batch { rows, columns, widths: self.widths.clone() }
+        Batch {
+            rows,
+            columns,
+            widths: self.widths.clone(),
+        }
     }
 }
 
@@ -539,5 +655,10 @@ fn flatten<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a serde_json::Value>) {
 }
 
 fn input_list(model: &Model) -> String {
-    model.inputs().iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+    model
+        .inputs()
+        .iter()
+        .map(|i| i.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -30,13 +30,20 @@ pub const MAX_MODEL_BYTES: u64 = 512 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("cannot read model file {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("model file is too large: {size} bytes (limit {limit})")]
     TooLarge { size: u64, limit: u64 },
     #[error("not an ONNX model: {0}")]
     NotOnnx(String),
     #[error("unsupported operator {domain}:{op_type} (node {node:?})")]
-    UnsupportedOperator { op_type: String, domain: String, node: String },
+    UnsupportedOperator {
+        op_type: String,
+        domain: String,
+        node: String,
+    },
     #[error("unsupported model: {0}")]
     UnsupportedModel(String),
     #[error("cannot load model: {0}")]
@@ -48,7 +55,10 @@ pub enum EngineError {
 }
 
 fn chain(e: &anyhow::Error) -> String {
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// One model input as callers feed it.
@@ -96,10 +106,16 @@ pub struct Model {
 impl Model {
     /// Loads an ONNX file.
     pub fn load(path: &Path) -> Result<Model, EngineError> {
-        let io = |source| EngineError::Io { path: path.display().to_string(), source };
+        let io = |source| EngineError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let size = std::fs::metadata(path).map_err(io)?.len();
         if size > MAX_MODEL_BYTES {
-            return Err(EngineError::TooLarge { size, limit: MAX_MODEL_BYTES });
+            return Err(EngineError::TooLarge {
+                size,
+                limit: MAX_MODEL_BYTES,
+            });
         }
         let bytes = std::fs::read(path).map_err(io)?;
         Model::from_bytes(&bytes)
@@ -108,7 +124,10 @@ impl Model {
     /// Loads an ONNX model from memory. External tensor data is refused.
     pub fn from_bytes(bytes: &[u8]) -> Result<Model, EngineError> {
         if bytes.len() as u64 > MAX_MODEL_BYTES {
-            return Err(EngineError::TooLarge { size: bytes.len() as u64, limit: MAX_MODEL_BYTES });
+            return Err(EngineError::TooLarge {
+                size: bytes.len() as u64,
+                limit: MAX_MODEL_BYTES,
+            });
         }
         let mut onnx = tract_onnx::onnx();
         ml::register(&mut onnx.op_register);
@@ -116,7 +135,9 @@ impl Model {
         let mut info = schema::inspect(bytes, |op| register.contains_key(op))?;
         schema::rewrite_map_inputs(&mut info)?;
         schema::name_unknown_dims(&mut info);
-        let parsed = onnx.parse(&info.proto, None).map_err(|e| EngineError::Load(chain(&e)))?;
+        let parsed = onnx
+            .parse(&info.proto, None)
+            .map_err(|e| EngineError::Load(chain(&e)))?;
         if !parsed.unresolved_inputs.is_empty() {
             return Err(EngineError::Load(format!(
                 "the graph reads values nobody produces: {:?}",
@@ -129,7 +150,10 @@ impl Model {
             .map_err(|e| EngineError::Load(chain(&e)))?;
 
         let mut inputs = Vec::new();
-        let mut graph_inputs = typed.input_outlets().map_err(|e| EngineError::Load(chain(&e)))?.iter();
+        let mut graph_inputs = typed
+            .input_outlets()
+            .map_err(|e| EngineError::Load(chain(&e)))?
+            .iter();
         let proto_inputs: Vec<String> = info
             .proto
             .graph
@@ -142,12 +166,20 @@ impl Model {
             .iter()
             .flat_map(|g| g.initializer.iter().map(|i| i.name.as_str()))
             .collect();
-        let map_values: Vec<String> = info.map_inputs.iter().map(|m| schema::map_values_name(&m.name)).collect();
+        let map_values: Vec<String> = info
+            .map_inputs
+            .iter()
+            .map(|m| schema::map_values_name(&m.name))
+            .collect();
         for name in proto_inputs
             .iter()
             .filter(|n| !initializers.contains(&n.as_str()) && !map_values.contains(n))
         {
-            if let Some(map) = info.map_inputs.iter().find(|m| schema::map_keys_name(&m.name) == *name) {
+            if let Some(map) = info
+                .map_inputs
+                .iter()
+                .find(|m| schema::map_keys_name(&m.name) == *name)
+            {
                 graph_inputs.next();
                 graph_inputs.next();
                 inputs.push(InputInfo {
@@ -158,10 +190,12 @@ impl Model {
                 });
                 continue;
             }
-            let outlet = graph_inputs
-                .next()
-                .ok_or_else(|| EngineError::Load(format!("input {name:?} vanished from the graph")))?;
-            let fact = typed.outlet_fact(*outlet).map_err(|e| EngineError::Load(chain(&e)))?;
+            let outlet = graph_inputs.next().ok_or_else(|| {
+                EngineError::Load(format!("input {name:?} vanished from the graph"))
+            })?;
+            let fact = typed
+                .outlet_fact(*outlet)
+                .map_err(|e| EngineError::Load(chain(&e)))?;
             let elem = elem_of(fact.datum_type).ok_or_else(|| {
                 EngineError::UnsupportedModel(format!(
                     "input {name:?} has element type {:?}",
@@ -169,11 +203,20 @@ impl Model {
                 ))
             })?;
             let shape = fact.shape.iter().map(|d| d.to_usize().ok()).collect();
-            inputs.push(InputInfo { name: name.clone(), elem, shape, map_value: None });
+            inputs.push(InputInfo {
+                name: name.clone(),
+                elem,
+                shape,
+                map_value: None,
+            });
         }
 
         let mut outputs = Vec::new();
-        let graph = info.proto.graph.as_ref().ok_or_else(|| EngineError::NotOnnx("no graph".into()))?;
+        let graph = info
+            .proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| EngineError::NotOnnx("no graph".into()))?;
         for (ix, out) in graph.output.iter().enumerate() {
             let outlet = typed
                 .output_outlets()
@@ -181,21 +224,40 @@ impl Model {
                 .get(ix)
                 .copied()
                 .ok_or_else(|| EngineError::Load(format!("output {:?} vanished", out.name)))?;
-            let fact = typed.outlet_fact(outlet).map_err(|e| EngineError::Load(chain(&e)))?;
+            let fact = typed
+                .outlet_fact(outlet)
+                .map_err(|e| EngineError::Load(chain(&e)))?;
             let elem = elem_of(fact.datum_type).ok_or_else(|| {
                 EngineError::UnsupportedModel(format!(
                     "output {:?} has element type {:?}",
                     out.name, fact.datum_type
                 ))
             })?;
-            let zipmap = info.zipmaps.iter().find(|(n, _)| *n == out.name).map(|(_, l)| l.clone());
-            outputs.push(OutputInfo { name: out.name.clone(), elem, zipmap });
+            let zipmap = info
+                .zipmaps
+                .iter()
+                .find(|(n, _)| *n == out.name)
+                .map(|(_, l)| l.clone());
+            outputs.push(OutputInfo {
+                name: out.name.clone(),
+                elem,
+                zipmap,
+            });
         }
 
         let batchable = info.map_inputs.is_empty()
-            && inputs.iter().all(|i| i.shape.first().is_some_and(|d| d.is_none()));
+            && inputs
+                .iter()
+                .all(|i| i.shape.first().is_some_and(|d| d.is_none()));
         let plan = SimplePlan::new(typed).map_err(|e| EngineError::Load(chain(&e)))?;
-        Ok(Model { plan, inputs, outputs, ops: info.ops, feature_names: info.feature_names, batchable })
+        Ok(Model {
+            plan,
+            inputs,
+            outputs,
+            ops: info.ops,
+            feature_names: info.feature_names,
+            batchable,
+        })
     }
 
     pub fn inputs(&self) -> &[InputInfo] {
@@ -224,11 +286,17 @@ impl Model {
     /// Scores a batch.
     pub fn run(&self, batch: &Batch) -> Result<Outputs, EngineError> {
         if batch.rows == 0 {
-            return Ok(Outputs { rows: 0, tensors: Vec::new() });
+            return Ok(Outputs {
+                rows: 0,
+                tensors: Vec::new(),
+            });
         }
         if self.batchable || batch.rows == 1 {
             let tensors = self.run_tensors(batch.tensors(self)?)?;
-            return Ok(Outputs { rows: batch.rows, tensors });
+            return Ok(Outputs {
+                rows: batch.rows,
+                tensors,
+            });
         }
         let mut per_row: Vec<Vec<Arc<Tensor>>> = Vec::with_capacity(batch.rows);
         for row in 0..batch.rows {
@@ -240,17 +308,25 @@ impl Model {
             let t = Tensor::stack_tensors(0, &parts).map_err(|e| EngineError::Run(chain(&e)))?;
             tensors.push(Arc::new(t));
         }
-        Ok(Outputs { rows: batch.rows, tensors })
+        Ok(Outputs {
+            rows: batch.rows,
+            tensors,
+        })
     }
 
     fn run_tensors(&self, inputs: TVec<TValue>) -> Result<Vec<Arc<Tensor>>, EngineError> {
-        let out = self.plan.run(inputs).map_err(|e| EngineError::Run(chain(&e)))?;
+        let out = self
+            .plan
+            .run(inputs)
+            .map_err(|e| EngineError::Run(chain(&e)))?;
         out.into_iter()
             .map(|v| {
                 let t = v.into_arc_tensor();
                 // tract types ONNX int64 computed from shapes as TDim; callers see int64
                 if t.datum_type() == DatumType::TDim {
-                    let cast = t.cast_to::<i64>().map_err(|e| EngineError::Run(chain(&e)))?;
+                    let cast = t
+                        .cast_to::<i64>()
+                        .map_err(|e| EngineError::Run(chain(&e)))?;
                     Ok(Arc::new(cast.into_owned()))
                 } else {
                     Ok(t)
@@ -292,7 +368,11 @@ impl Model {
     }
 
     /// One JSON object per row, mapping each output name to [`Model::render`].
-    pub fn render_row(&self, outputs: &Outputs, row: usize) -> serde_json::Map<String, serde_json::Value> {
+    pub fn render_row(
+        &self,
+        outputs: &Outputs,
+        row: usize,
+    ) -> serde_json::Map<String, serde_json::Value> {
         let mut obj = serde_json::Map::with_capacity(self.outputs.len());
         for (ix, info) in self.outputs.iter().enumerate() {
             obj.insert(info.name.clone(), self.render(outputs, ix, row));
@@ -363,27 +443,51 @@ fn write_scalar(buf: &mut Vec<u8>, t: &Tensor, ix: usize) {
         return;
     };
     let ok = match t.datum_type() {
-        DatumType::F32 => view.as_slice::<f32>().ok().and_then(|s| s.get(ix)).map(|v| {
-            if v.is_finite() {
-                write!(buf, "{v}")
-            } else {
-                buf.write_all(b"null")
-            }
-        }),
-        DatumType::F64 => view.as_slice::<f64>().ok().and_then(|s| s.get(ix)).map(|v| {
-            if v.is_finite() {
-                write!(buf, "{v}")
-            } else {
-                buf.write_all(b"null")
-            }
-        }),
-        DatumType::I64 => view.as_slice::<i64>().ok().and_then(|s| s.get(ix)).map(|v| write!(buf, "{v}")),
-        DatumType::I32 => view.as_slice::<i32>().ok().and_then(|s| s.get(ix)).map(|v| write!(buf, "{v}")),
-        DatumType::Bool => view.as_slice::<bool>().ok().and_then(|s| s.get(ix)).map(|v| write!(buf, "{v}")),
-        DatumType::String => view.as_slice::<String>().ok().and_then(|s| s.get(ix)).map(|v| {
-            write_json_str(buf, v);
-            Ok(())
-        }),
+        DatumType::F32 => view
+            .as_slice::<f32>()
+            .ok()
+            .and_then(|s| s.get(ix))
+            .map(|v| {
+                if v.is_finite() {
+                    write!(buf, "{v}")
+                } else {
+                    buf.write_all(b"null")
+                }
+            }),
+        DatumType::F64 => view
+            .as_slice::<f64>()
+            .ok()
+            .and_then(|s| s.get(ix))
+            .map(|v| {
+                if v.is_finite() {
+                    write!(buf, "{v}")
+                } else {
+                    buf.write_all(b"null")
+                }
+            }),
+        DatumType::I64 => view
+            .as_slice::<i64>()
+            .ok()
+            .and_then(|s| s.get(ix))
+            .map(|v| write!(buf, "{v}")),
+        DatumType::I32 => view
+            .as_slice::<i32>()
+            .ok()
+            .and_then(|s| s.get(ix))
+            .map(|v| write!(buf, "{v}")),
+        DatumType::Bool => view
+            .as_slice::<bool>()
+            .ok()
+            .and_then(|s| s.get(ix))
+            .map(|v| write!(buf, "{v}")),
+        DatumType::String => view
+            .as_slice::<String>()
+            .ok()
+            .and_then(|s| s.get(ix))
+            .map(|v| {
+                write_json_str(buf, v);
+                Ok(())
+            }),
         _ => None,
     };
     if !matches!(ok, Some(Ok(()))) {
@@ -405,14 +509,40 @@ fn elem_of(dt: DatumType) -> Option<ElemType> {
 
 fn scalar(t: &Tensor, ix: usize) -> serde_json::Value {
     use serde_json::Value;
-    let Ok(view) = t.try_as_plain_ram() else { return Value::Null };
-    let num = |v: f64| serde_json::Number::from_f64(v).map(Value::Number).unwrap_or(Value::Null);
+    let Ok(view) = t.try_as_plain_ram() else {
+        return Value::Null;
+    };
+    let num = |v: f64| {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .unwrap_or(Value::Null)
+    };
     match t.datum_type() {
-        DatumType::F32 => view.as_slice::<f32>().ok().and_then(|s| s.get(ix)).map_or(Value::Null, |v| num(*v as f64)),
-        DatumType::F64 => view.as_slice::<f64>().ok().and_then(|s| s.get(ix)).map_or(Value::Null, |v| num(*v)),
-        DatumType::I64 => view.as_slice::<i64>().ok().and_then(|s| s.get(ix)).map_or(Value::Null, |v| (*v).into()),
-        DatumType::I32 => view.as_slice::<i32>().ok().and_then(|s| s.get(ix)).map_or(Value::Null, |v| (*v).into()),
-        DatumType::Bool => view.as_slice::<bool>().ok().and_then(|s| s.get(ix)).map_or(Value::Null, |v| (*v).into()),
+        DatumType::F32 => view
+            .as_slice::<f32>()
+            .ok()
+            .and_then(|s| s.get(ix))
+            .map_or(Value::Null, |v| num(*v as f64)),
+        DatumType::F64 => view
+            .as_slice::<f64>()
+            .ok()
+            .and_then(|s| s.get(ix))
+            .map_or(Value::Null, |v| num(*v)),
+        DatumType::I64 => view
+            .as_slice::<i64>()
+            .ok()
+            .and_then(|s| s.get(ix))
+            .map_or(Value::Null, |v| (*v).into()),
+        DatumType::I32 => view
+            .as_slice::<i32>()
+            .ok()
+            .and_then(|s| s.get(ix))
+            .map_or(Value::Null, |v| (*v).into()),
+        DatumType::Bool => view
+            .as_slice::<bool>()
+            .ok()
+            .and_then(|s| s.get(ix))
+            .map_or(Value::Null, |v| (*v).into()),
         DatumType::String => view
             .as_slice::<String>()
             .ok()

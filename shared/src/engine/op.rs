@@ -19,13 +19,15 @@ pub(crate) struct Fact {
 impl Fact {
     pub fn new(dt: DatumType, shape: impl IntoIterator<Item = TDim>) -> Fact {
         // tract types int64 values computed from shapes as TDim; kernels see int64
-        let dt = if dt == DatumType::TDim { DatumType::I64 } else { dt };
-        Fact { dt, shape: shape.into_iter().collect() }
-    }
-
-    /// The batch (first) dimension, or 1 for a scalar.
-    pub fn rows(&self) -> TDim {
-        self.shape.first().cloned().unwrap_or_else(|| 1.into())
+        let dt = if dt == DatumType::TDim {
+            DatumType::I64
+        } else {
+            dt
+        };
+        Fact {
+            dt,
+            shape: shape.into_iter().collect(),
+        }
     }
 
     /// The last dimension as a known number, if it is one.
@@ -83,12 +85,18 @@ impl Expansion for KernelExpansion {
         s.given_all(inputs.iter().map(|i| &i.datum_type), move |s, dts| {
             let kernel = kernel.clone();
             s.given_all(inputs.iter().map(|i| &i.shape), move |s, shapes| {
-                let facts: Vec<Fact> =
-                    dts.iter().zip(shapes).map(|(dt, shape)| Fact::new(*dt, shape)).collect();
+                let facts: Vec<Fact> = dts
+                    .iter()
+                    .zip(shapes)
+                    .map(|(dt, shape)| Fact::new(*dt, shape))
+                    .collect();
                 let out = kernel.output_facts(&facts)?;
                 for (proxy, fact) in outputs.iter().zip(out) {
                     s.equals(&proxy.datum_type, fact.dt)?;
-                    s.equals(&proxy.shape, fact.shape.into_iter().collect::<ShapeFactoid>())?;
+                    s.equals(
+                        &proxy.shape,
+                        fact.shape.into_iter().collect::<ShapeFactoid>(),
+                    )?;
                 }
                 Ok(())
             })
@@ -131,7 +139,13 @@ impl EvalOp for KernelOp {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let cast: Vec<std::borrow::Cow<Tensor>> = inputs
             .iter()
-            .map(|v| if v.datum_type() == DatumType::TDim { v.cast_to::<i64>() } else { Ok(std::borrow::Cow::Borrowed(&**v)) })
+            .map(|v| {
+                if v.datum_type() == DatumType::TDim {
+                    v.cast_to::<i64>()
+                } else {
+                    Ok(std::borrow::Cow::Borrowed(&**v))
+                }
+            })
             .collect::<TractResult<_>>()?;
         let refs: Vec<&Tensor> = cast.iter().map(|v| &**v).collect();
         let out = self.0.eval(&refs)?;
@@ -141,8 +155,10 @@ impl EvalOp for KernelOp {
 
 impl TypedOp for KernelOp {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let facts: Vec<Fact> =
-            inputs.iter().map(|f| Fact::new(f.datum_type, f.shape.iter().cloned())).collect();
+        let facts: Vec<Fact> = inputs
+            .iter()
+            .map(|f| Fact::new(f.datum_type, f.shape.iter().cloned()))
+            .collect();
         Ok(self
             .0
             .output_facts(&facts)?
@@ -174,23 +190,20 @@ pub(crate) fn matrix_dims(shape: &[usize]) -> (usize, usize) {
     }
 }
 
-/// Like [`matrix_dims`] for facts; `None` where the column count is not a known number.
-pub(crate) fn fact_cols(f: &Fact) -> Option<usize> {
-    match f.shape.len() {
-        0 => Some(1),
-        1 => f.shape[0].to_usize().ok(),
-        _ => f.shape[1..].iter().map(|d| d.to_usize().ok()).product::<Option<usize>>(),
-    }
-}
-
 /// The input as f32 values, converting f64/i64/i32 the way onnxruntime's ml operators do.
 pub(crate) fn as_f32(t: &Tensor) -> TractResult<std::borrow::Cow<'_, [f32]>> {
     use std::borrow::Cow;
     match t.datum_type() {
         DatumType::F32 => Ok(Cow::Borrowed(slice::<f32>(t)?)),
-        DatumType::F64 => Ok(Cow::Owned(slice::<f64>(t)?.iter().map(|v| *v as f32).collect())),
-        DatumType::I64 => Ok(Cow::Owned(slice::<i64>(t)?.iter().map(|v| *v as f32).collect())),
-        DatumType::I32 => Ok(Cow::Owned(slice::<i32>(t)?.iter().map(|v| *v as f32).collect())),
+        DatumType::F64 => Ok(Cow::Owned(
+            slice::<f64>(t)?.iter().map(|v| *v as f32).collect(),
+        )),
+        DatumType::I64 => Ok(Cow::Owned(
+            slice::<i64>(t)?.iter().map(|v| *v as f32).collect(),
+        )),
+        DatumType::I32 => Ok(Cow::Owned(
+            slice::<i32>(t)?.iter().map(|v| *v as f32).collect(),
+        )),
         dt => bail!("expected a numeric input tensor (float, double, int64, int32), got {dt:?}"),
     }
 }

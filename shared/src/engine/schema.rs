@@ -146,7 +146,10 @@ pub(crate) struct ProtoInfo {
 }
 
 /// Decodes the protobuf, refusing anything that is not an ONNX model with a graph.
-pub(crate) fn inspect(bytes: &[u8], known_op: impl Fn(&str) -> bool) -> Result<ProtoInfo, EngineError> {
+pub(crate) fn inspect(
+    bytes: &[u8],
+    known_op: impl Fn(&str) -> bool,
+) -> Result<ProtoInfo, EngineError> {
     let proto = pb::ModelProto::decode(bytes)
         .map_err(|e| EngineError::NotOnnx(format!("protobuf decoding failed: {e}")))?;
     let graph = proto
@@ -154,14 +157,20 @@ pub(crate) fn inspect(bytes: &[u8], known_op: impl Fn(&str) -> bool) -> Result<P
         .as_ref()
         .ok_or_else(|| EngineError::NotOnnx("the file has no graph".into()))?;
     if graph.node.is_empty() || graph.output.is_empty() {
-        return Err(EngineError::NotOnnx("the graph has no nodes or no outputs".into()));
+        return Err(EngineError::NotOnnx(
+            "the graph has no nodes or no outputs".into(),
+        ));
     }
     let raw = raw::ModelProto::decode(bytes)
         .map_err(|e| EngineError::NotOnnx(format!("protobuf decoding failed: {e}")))?;
 
     let mut ops = Vec::new();
     for node in &graph.node {
-        let domain = if node.domain.is_empty() { "ai.onnx" } else { node.domain.as_str() };
+        let domain = if node.domain.is_empty() {
+            "ai.onnx"
+        } else {
+            node.domain.as_str()
+        };
         if !known_op(&node.op_type) {
             return Err(EngineError::UnsupportedOperator {
                 op_type: node.op_type.clone(),
@@ -187,11 +196,12 @@ pub(crate) fn inspect(bytes: &[u8], known_op: impl Fn(&str) -> bool) -> Result<P
                 .and_then(|t| ElemType::from_onnx(t.elem_type));
             let key_is_int = ElemType::from_onnx(map.key_type) == Some(ElemType::I64);
             match value {
-                Some(value @ (ElemType::F32 | ElemType::F64 | ElemType::String | ElemType::I64))
-                    if key_is_int =>
-                {
-                    map_inputs.push(MapInput { name: input.name.clone(), value })
-                }
+                Some(
+                    value @ (ElemType::F32 | ElemType::F64 | ElemType::String | ElemType::I64),
+                ) if key_is_int => map_inputs.push(MapInput {
+                    name: input.name.clone(),
+                    value,
+                }),
                 _ => {
                     return Err(EngineError::UnsupportedModel(format!(
                         "input {:?} is a map type other than map(int64, float|double|int64|string)",
@@ -228,7 +238,13 @@ pub(crate) fn inspect(bytes: &[u8], known_op: impl Fn(&str) -> bool) -> Result<P
         .find(|p| p.key == "feature_names")
         .and_then(|p| serde_json::from_str::<Vec<String>>(&p.value).ok());
 
-    Ok(ProtoInfo { proto, map_inputs, zipmaps, ops, feature_names })
+    Ok(ProtoInfo {
+        proto,
+        map_inputs,
+        zipmaps,
+        ops,
+        feature_names,
+    })
 }
 
 fn zipmap_labels(node: &pb::NodeProto) -> Result<Labels, EngineError> {
@@ -238,7 +254,10 @@ fn zipmap_labels(node: &pb::NodeProto) -> Result<Labels, EngineError> {
         }
         if attr.name == "classlabels_strings" {
             return Ok(Labels::Str(
-                attr.strings.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect(),
+                attr.strings
+                    .iter()
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect(),
             ));
         }
     }
@@ -261,12 +280,20 @@ pub(crate) fn node_name(node: &pb::NodeProto) -> String {
 /// dimension becomes the shared batch symbol `N`, others a symbol of their own.
 pub(crate) fn name_unknown_dims(info: &mut ProtoInfo) {
     use pb::tensor_shape_proto::dimension::Value as D;
-    let Some(graph) = info.proto.graph.as_mut() else { return };
+    let Some(graph) = info.proto.graph.as_mut() else {
+        return;
+    };
     for input in graph.input.iter_mut() {
-        let Some(pb::TypeProto { value: Some(pb::type_proto::Value::TensorType(t)), .. }) = input.r#type.as_mut() else {
+        let Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(t)),
+            ..
+        }) = input.r#type.as_mut()
+        else {
             continue;
         };
-        let Some(shape) = t.shape.as_mut() else { continue };
+        let Some(shape) = t.shape.as_mut() else {
+            continue;
+        };
         for (ix, dim) in shape.dim.iter_mut().enumerate() {
             let unnamed = match &dim.value {
                 None => true,
@@ -274,7 +301,16 @@ pub(crate) fn name_unknown_dims(info: &mut ProtoInfo) {
                 Some(D::DimValue(v)) => *v < 0,
             };
             if unnamed {
-                let sym = if ix == 0 { "N".to_string() } else { format!("{}_dim{ix}", input.name.replace(|c: char| !c.is_ascii_alphanumeric(), "_")) };
+                let sym = if ix == 0 {
+                    "N".to_string()
+                } else {
+                    format!(
+                        "{}_dim{ix}",
+                        input
+                            .name
+                            .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+                    )
+                };
                 dim.value = Some(D::DimParam(sym));
             }
         }
@@ -295,10 +331,12 @@ pub(crate) fn map_values_name(name: &str) -> String {
 /// (T [K]); the CastMap nodes that read it get both. Any other consumer is refused.
 pub(crate) fn rewrite_map_inputs(info: &mut ProtoInfo) -> Result<(), EngineError> {
     use pb::tensor_proto::DataType as D;
-    let Some(graph) = info.proto.graph.as_mut() else { return Ok(()) };
+    let Some(graph) = info.proto.graph.as_mut() else {
+        return Ok(());
+    };
     for map in &info.map_inputs {
         for node in graph.node.iter_mut() {
-            if !node.input.iter().any(|i| *i == map.name) {
+            if !node.input.contains(&map.name) {
                 continue;
             }
             if node.op_type != "CastMap" {

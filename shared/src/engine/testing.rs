@@ -4,7 +4,11 @@
 use prost::Message;
 use tract_onnx::pb;
 
-fn tensor_input(name: &str, elem: pb::tensor_proto::DataType, dims: &[Option<i64>]) -> pb::ValueInfoProto {
+fn tensor_input(
+    name: &str,
+    elem: pb::tensor_proto::DataType,
+    dims: &[Option<i64>],
+) -> pb::ValueInfoProto {
     use pb::tensor_shape_proto::{dimension::Value as D, Dimension};
     pb::ValueInfoProto {
         name: name.to_string(),
@@ -30,18 +34,38 @@ fn tensor_input(name: &str, elem: pb::tensor_proto::DataType, dims: &[Option<i64
     }
 }
 
-fn model(node: pb::NodeProto, inputs: Vec<pb::ValueInfoProto>, outputs: Vec<pb::ValueInfoProto>, meta: &[(&str, &str)]) -> Vec<u8> {
-    let graph = pb::GraphProto { name: "test".into(), node: vec![node], input: inputs, output: outputs, ..Default::default() };
+fn model(
+    node: pb::NodeProto,
+    inputs: Vec<pb::ValueInfoProto>,
+    outputs: Vec<pb::ValueInfoProto>,
+    meta: &[(&str, &str)],
+) -> Vec<u8> {
+    let graph = pb::GraphProto {
+        name: "test".into(),
+        node: vec![node],
+        input: inputs,
+        output: outputs,
+        ..Default::default()
+    };
     let proto = pb::ModelProto {
         ir_version: 8,
         opset_import: vec![
-            pb::OperatorSetIdProto { domain: String::new(), version: 17 },
-            pb::OperatorSetIdProto { domain: "ai.onnx.ml".into(), version: 3 },
+            pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            },
+            pb::OperatorSetIdProto {
+                domain: "ai.onnx.ml".into(),
+                version: 3,
+            },
         ],
         graph: Some(graph),
         metadata_props: meta
             .iter()
-            .map(|(k, v)| pb::StringStringEntryProto { key: k.to_string(), value: v.to_string() })
+            .map(|(k, v)| pb::StringStringEntryProto {
+                key: k.to_string(),
+                value: v.to_string(),
+            })
             .collect(),
         ..Default::default()
     };
@@ -59,7 +83,12 @@ pub fn single_node_model(op_type: &str, domain: &str, node_name: &str) -> Vec<u8
         ..Default::default()
     };
     let f = pb::tensor_proto::DataType::Float;
-    model(node, vec![tensor_input("x", f, &[None, Some(1)])], vec![tensor_input("y", f, &[None, Some(1)])], &[])
+    model(
+        node,
+        vec![tensor_input("x", f, &[None, Some(1)])],
+        vec![tensor_input("y", f, &[None, Some(1)])],
+        &[],
+    )
 }
 
 /// A runnable model: `Scaler(offset = 0, scale = 2)` on float input `X` of `[N, features]`,
@@ -83,6 +112,14 @@ pub fn scaler_model(features: usize, feature_names: Option<&[&str]>) -> Vec<u8> 
     let f = pb::tensor_proto::DataType::Float;
     let w = Some(features as i64);
     let names = feature_names.map(|n| serde_json::to_string(n).unwrap_or_default());
-    let meta: Vec<(&str, &str)> = names.as_deref().map(|n| vec![("feature_names", n)]).unwrap_or_default();
-    model(node, vec![tensor_input("X", f, &[None, w])], vec![tensor_input("Y", f, &[None, w])], &meta)
+    let meta: Vec<(&str, &str)> = names
+        .as_deref()
+        .map(|n| vec![("feature_names", n)])
+        .unwrap_or_default();
+    model(
+        node,
+        vec![tensor_input("X", f, &[None, w])],
+        vec![tensor_input("Y", f, &[None, w])],
+        &meta,
+    )
 }
