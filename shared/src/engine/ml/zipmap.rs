@@ -16,9 +16,16 @@ struct ZipMap {
     labels: usize,
 }
 
-fn zipmap(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let ints = node.get_attr_opt_slice::<i64>("classlabels_int64s")?.map(|s| s.len());
-    let strs = node.get_attr_opt_tvec::<String>("classlabels_strings")?.map(|s| s.len());
+fn zipmap(
+    _ctx: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let ints = node
+        .get_attr_opt_slice::<i64>("classlabels_int64s")?
+        .map(|s| s.len());
+    let strs = node
+        .get_attr_opt_tvec::<String>("classlabels_strings")?
+        .map(|s| s.len());
     let labels = match (ints, strs) {
         (Some(n), None) | (None, Some(n)) => n,
         _ => bail!("ZipMap needs exactly one of classlabels_int64s and classlabels_strings"),
@@ -36,9 +43,17 @@ impl Kernel for ZipMap {
     }
 
     fn output_facts(&self, inputs: &[Fact]) -> TractResult<Vec<Fact>> {
-        ensure!(inputs.len() == 1, "ZipMap takes one input, got {}", inputs.len());
+        ensure!(
+            inputs.len() == 1,
+            "ZipMap takes one input, got {}",
+            inputs.len()
+        );
         let f = &inputs[0];
-        ensure!(f.dt == f32::datum_type(), "ZipMap input must be float, got {:?}", f.dt);
+        ensure!(
+            f.dt == f32::datum_type(),
+            "ZipMap input must be float, got {:?}",
+            f.dt
+        );
         ensure!(
             f.shape.len() == 2 && f.last_dim().is_none_or(|c| c == self.labels),
             "ZipMap input must be [N, {}] (one column per label), got {:?}",
