@@ -2,6 +2,9 @@
 #![forbid(unsafe_code)]
 
 fn main() {
-    eprintln!("fleet-server {}: not implemented yet", env!("CARGO_PKG_VERSION"));
+    eprintln!(
+        "fleet-server {}: not implemented yet",
+        env!("CARGO_PKG_VERSION")
+    );
     std::process::exit(64);
 }

@@ -2,6 +2,9 @@
 #![forbid(unsafe_code)]
 
 fn main() {
-    eprintln!("fleetctl {}: not implemented yet", env!("CARGO_PKG_VERSION"));
+    eprintln!(
+        "fleetctl {}: not implemented yet",
+        env!("CARGO_PKG_VERSION")
+    );
     std::process::exit(64);
 }
