@@ -2,20 +2,31 @@
 //! compact node arrays ([`Forest`]), which score rows in blocks, several traversals in
 //! lockstep, with no allocation beyond a per-call scratch.
 //!
-//! Layout: every node, leaves included, is a [`Node`] `{feature, a, b, threshold}` in one
-//! array (16 bytes for `f32` thresholds). A leaf points to itself on both sides, so a
-//! traversal is simply "step `depth` times" and needs no per-lane leaf test; a lane that
-//! reached its leaf stays there, and a block stops early once no lane moved.
+//! Layout: every node, leaves included, is a [`Node`] `{feature, c, threshold}` (12 bytes
+//! for `f32` thresholds), trees laid out breadth first with a branch's two children in
+//! adjacent slots, so a step is `c + (comparison holds)`: no select, no second load. A
+//! leaf has a NaN threshold and points to itself, so a traversal is simply "step up to
+//! `depth` times" and needs no per-lane leaf test; a lane that reached its leaf stays
+//! there, and a group stops early once no lane moved. Subtrees shared by several parents
+//! (allowed, cycles are not) are laid out once and reached through one-step jump slots.
+//!
+//! Evaluation: rows are scored in blocks of 128, stored feature-major, tree by tree (the
+//! tree stays in cache), 8 rows walking a tree in lockstep so their memory latencies
+//! overlap; for fewer than 8 rows the lanes are 8 trees on the same row instead.
 //!
 //! Comparison kernels: when every branch is `<=`/`<`/`>=`/`>` the nodes are normalised to
-//! one operator (`v <= t` or `v < t` selects `a`; `>=`/`>` swap the children) with a per-node
-//! "NaN goes to `a`" bit in the feature word; the traversal then is one compare and one
-//! select per level. Anything else (`==`, `!=`, set membership, or a mix of `<=` and `<`)
-//! uses the general kernel, which follows onnxruntime's per-node rules literally.
+//! one operator (`v <= t` or `v < t` selects side "a"; `>=`/`>` swap the children), and a
+//! NaN input goes to "a" or "b" per node: never, always (`!(v > t)` is one comparison), or
+//! mixed — then resolved in the data (each feature given twice, NaN as -inf or as NaN, the
+//! node reading the copy that routes NaN its way), falling back to a per-node flag in the
+//! rare cases (NaN or infinite thresholds) where that would not be exact. Anything else
+//! (`==`, `!=`, set membership, `<=` mixed with `<`) uses the general kernel, which follows
+//! onnxruntime's per-node rules literally.
 //!
 //! Accumulation follows onnxruntime's order exactly (trees in order, a leaf's weights in
 //! attribute order) in the threshold precision `T`: `f32` for float/integer inputs, `f64`
-//! for double inputs or double attributes.
+//! for double inputs or double attributes; single-threaded onnxruntime gives bit-identical
+//! results.
 
 use std::fmt;
 use std::ops::{Add, AddAssign, Div, Neg, Sub};
@@ -58,6 +69,14 @@ pub(crate) trait Num:
     fn from_usize(v: usize) -> Self;
     fn to_f64(self) -> f64;
     fn to_f32(self) -> f32;
+    /// The value as a bit index 0..64 when it is exactly such an integer, else 64.
+    fn bit_index(self) -> u32;
+    /// A category code (a small non-negative integer value) back as an integer.
+    fn to_code(self) -> u32;
+    /// Bits of the type, which can carry a small set's bit mask in a threshold slot.
+    const BITS: u32;
+    fn to_bits64(self) -> u64;
+    fn from_bits64(bits: u64) -> Self;
 }
 
 impl Num for f32 {
@@ -74,6 +93,31 @@ impl Num for f32 {
     fn to_f32(self) -> f32 {
         self
     }
+    const BITS: u32 = 32;
+    #[inline(always)]
+    fn to_bits64(self) -> u64 {
+        self.to_bits() as u64
+    }
+    fn from_bits64(bits: u64) -> f32 {
+        f32::from_bits(bits as u32)
+    }
+    #[inline(always)]
+    fn to_code(self) -> u32 {
+        self as u32
+    }
+    #[inline(always)]
+    fn bit_index(self) -> u32 {
+        let k = if (0.0..64.0).contains(&self) {
+            self as u32
+        } else {
+            64
+        };
+        if k as f32 == self {
+            k
+        } else {
+            64
+        }
+    }
 }
 
 impl Num for f64 {
@@ -89,6 +133,31 @@ impl Num for f64 {
     }
     fn to_f32(self) -> f32 {
         self as f32
+    }
+    const BITS: u32 = 64;
+    #[inline(always)]
+    fn to_bits64(self) -> u64 {
+        self.to_bits()
+    }
+    fn from_bits64(bits: u64) -> f64 {
+        f64::from_bits(bits)
+    }
+    #[inline(always)]
+    fn to_code(self) -> u32 {
+        self as u32
+    }
+    #[inline(always)]
+    fn bit_index(self) -> u32 {
+        let k = if (0.0..64.0).contains(&self) {
+            self as u32
+        } else {
+            64
+        };
+        if k as f64 == self {
+            k
+        } else {
+            64
+        }
     }
 }
 
@@ -220,18 +289,51 @@ const NAN_MIXED: u8 = 2;
 /// A mixed kernel on a block without NaN: the flags are masked off and never needed.
 const NAN_CLEAN: u8 = 3;
 /// Mixed NaN directions resolved by the data: each feature is given twice, with NaN as
-/// -inf (plane 0: `v <= t`/`v < t` hold, the walk goes to "a") and as +inf (plane 1: they
-/// do not), and each node reads feature `2f + plane`. The plain kernel then suffices.
+/// -inf (plane 0: `v <= t`/`v < t` hold, the walk goes to "a") and as it is (plane 1: no
+/// comparison with NaN holds), and each node reads feature `2f + plane`. The plain kernel
+/// then suffices.
 const NAN_PLANES: u8 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Walk {
     /// `v < t` (`lt`) or `v <= t` selects `a`; NaN per `nan`.
-    Fast {
-        lt: bool,
-        nan: u8,
-    },
+    Fast { lt: bool, nan: u8 },
+    /// Any conditions, decided per node from a truth table over the comparison's outcome
+    /// (`member`: some nodes test set membership).
+    /// (`inline`: every bit-set fits in a threshold slot, which then holds it).
+    Masked { member: bool, inline: bool },
+    /// Any conditions, onnxruntime's per-node rules literally (NaN thresholds with missing
+    /// value tracking, which the truth table cannot express).
     General,
+}
+
+/// Truth-table bits of the masked kernel, indexed by the outcome of comparing the value to
+/// the threshold: unordered (NaN; the bit also says "missing value tracks true"), less,
+/// greater, equal. Set membership is tested separately.
+const M_NAN: u8 = 1;
+const M_LT: u8 = 2;
+const M_GT: u8 = 4;
+const M_EQ: u8 = 8;
+/// Membership in a set of small integers, held as a 64-bit mask in the node's set entry.
+const M_MEMBER: u8 = 16;
+/// Membership in a list of values, scanned.
+const M_LIST: u8 = 32;
+/// The masked kernel keeps its table in the feature word's top byte: features below this.
+const MASKED_FEATURES: u32 = 1 << 24;
+
+/// The masked kernel's table for a condition.
+fn cond_mask(cond: Cond, missing_true: bool) -> u8 {
+    let base = match cond {
+        Cond::Leq => M_LT | M_EQ,
+        Cond::Lt => M_LT,
+        Cond::Gte => M_GT | M_EQ,
+        Cond::Gt => M_GT,
+        Cond::Eq => M_EQ,
+        // NaN != t holds
+        Cond::Neq => M_LT | M_GT | M_NAN,
+        Cond::Member { .. } => M_LIST,
+    };
+    base | if missing_true { M_NAN } else { 0 }
 }
 
 /// What a leaf adds, per accumulation strategy.
@@ -321,6 +423,8 @@ impl<T: Num> Forest<T> {
             }
         }
         check_acyclic(spec, what)?;
+        let merged = merge_eq_chains(spec);
+        let spec = merged.as_ref().unwrap_or(spec);
 
         // Which kernel: all branches of one ordering family, or the general one.
         let mut le = false;
@@ -355,7 +459,46 @@ impl<T: Num> Forest<T> {
             }
         }
         let walk = if other || (le && lt) {
-            Walk::General
+            // With a NaN threshold every comparison is unordered, as for a NaN value: the
+            // table cannot tell "missing value tracks true" from "the value is NaN".
+            let ambiguous = spec.nodes.iter().any(|node| {
+                matches!(*node, SpecNode::Branch { cond, threshold, missing_true: true, .. }
+                    if threshold.is_nan() && cond != Cond::Neq)
+            });
+            if ambiguous {
+                Walk::General
+            } else {
+                let member = spec.nodes.iter().any(|n| {
+                    matches!(
+                        n,
+                        SpecNode::Branch {
+                            cond: Cond::Member { .. },
+                            ..
+                        }
+                    )
+                });
+                // the mask byte shares the feature word; member bit sets live in the
+                // threshold slot when they fit
+                let mut inline = true;
+                let mut narrow = true;
+                for node in &spec.nodes {
+                    if let SpecNode::Branch { cond, feature, .. } = *node {
+                        narrow &= (feature as u64) * 2 + 1 < MASKED_FEATURES as u64;
+                        if let Cond::Member { start, len } = cond {
+                            let bits = spec
+                                .sets
+                                .get(start..start.saturating_add(len))
+                                .and_then(small_set);
+                            inline &= bits.is_some_and(|b| T::BITS == 64 || b >> 32 == 0);
+                        }
+                    }
+                }
+                if narrow {
+                    Walk::Masked { member, inline }
+                } else {
+                    Walk::General
+                }
+            }
         } else {
             let nan = if nan_a == 0 {
                 NAN_NONE
@@ -374,7 +517,7 @@ impl<T: Num> Forest<T> {
                 lt,
                 nan: NAN_PLANES,
             });
-        let general = walk == Walk::General;
+        let general = matches!(walk, Walk::General | Walk::Masked { .. });
         // The "NaN goes to a" bit is only read when nodes differ in it.
         let mixed = walk == (Walk::Fast { lt, nan: NAN_MIXED });
         // Under the all-NaN-to-"a" kernel a NaN threshold makes every step go to c + 1.
@@ -450,6 +593,11 @@ impl<T: Num> Forest<T> {
         let mut sets = Vec::new();
         let mut set_values = Vec::new();
         let mut max_feature: Option<usize> = None;
+        let leaf_code = if matches!(walk, Walk::Masked { .. }) {
+            0
+        } else {
+            C_LEAF
+        };
         for (i, slot) in slots.iter().enumerate() {
             let i = i as u32;
             let (node, code, set) = match *slot {
@@ -459,7 +607,7 @@ impl<T: Num> Forest<T> {
                         c: stay(i),
                         threshold: T::from_f64(f64::NAN),
                     },
-                    C_LEAF,
+                    leaf_code,
                     (0, 0),
                 ),
                 Slot::Jump { to } => (
@@ -468,7 +616,7 @@ impl<T: Num> Forest<T> {
                         c: stay(to),
                         threshold: T::from_f64(f64::NAN),
                     },
-                    C_LEAF,
+                    leaf_code,
                     (0, 0),
                 ),
                 Slot::Branch { n, c } => {
@@ -490,12 +638,23 @@ impl<T: Num> Forest<T> {
                         Some(max_feature.map_or(feature as usize, |m| m.max(feature as usize)));
                     let goes_a = fast_form(cond, missing_true).is_some_and(|f| f.2);
                     let flag = if general {
-                        missing_true
+                        walk == Walk::General && missing_true
                     } else {
                         mixed && goes_a
                     };
                     let feature = if planes {
                         2 * feature + u32::from(!goes_a)
+                    } else if matches!(walk, Walk::Masked { member: true, .. }) {
+                        // bit-set members read the category code plane
+                        let member = match cond {
+                            Cond::Member { start, len } => spec
+                                .sets
+                                .get(start..start.saturating_add(len))
+                                .and_then(small_set)
+                                .is_some(),
+                            _ => false,
+                        };
+                        2 * feature + u32::from(member)
                     } else {
                         feature | if flag { FLAG } else { 0 }
                     };
@@ -505,6 +664,11 @@ impl<T: Num> Forest<T> {
                         threshold: T::from_f64(threshold),
                     };
                     let (code, set) = match cond {
+                        _ if matches!(walk, Walk::Masked { .. })
+                            && !matches!(cond, Cond::Member { .. }) =>
+                        {
+                            (cond_mask(cond, missing_true), (0, 0))
+                        }
                         Cond::Leq => (C_LEQ, (0, 0)),
                         Cond::Lt => (C_LT, (0, 0)),
                         Cond::Gte => (C_GTE, (0, 0)),
@@ -516,14 +680,36 @@ impl<T: Num> Forest<T> {
                                 spec.sets.get(start..start.saturating_add(len)).ok_or_else(
                                     || format_err!("{what}: membership values out of range"),
                                 )?;
-                            let at = set_values.len() as u32;
-                            set_values.extend(values.iter().map(|v| T::from_f64(*v)));
-                            (C_MEMBER, (at, len as u32))
+                            let bits = small_set(values);
+                            match bits {
+                                Some(bits) if matches!(walk, Walk::Masked { .. }) => {
+                                    let code = M_MEMBER | (cond_mask(cond, missing_true) & M_NAN);
+                                    (code, (bits as u32, (bits >> 32) as u32))
+                                }
+                                _ => {
+                                    let at = set_values.len() as u32;
+                                    set_values.extend(values.iter().map(|v| T::from_f64(*v)));
+                                    let code = if matches!(walk, Walk::Masked { .. }) {
+                                        cond_mask(cond, missing_true)
+                                    } else {
+                                        C_MEMBER
+                                    };
+                                    (code, (at, len as u32))
+                                }
+                            }
                         }
                     };
                     (node, code, set)
                 }
             };
+            let mut node = node;
+            if let Walk::Masked { inline, .. } = walk {
+                // the truth table rides in the feature word's top byte
+                node.feature = (node.feature & (MASKED_FEATURES - 1)) | (code as u32) << 24;
+                if inline && code & M_MEMBER != 0 {
+                    node.threshold = T::from_bits64((set.1 as u64) << 32 | set.0 as u64);
+                }
+            }
             nodes.push(node);
             if general {
                 conds.push(code);
@@ -557,12 +743,27 @@ impl<T: Num> Forest<T> {
     pub fn kernel(&self) -> &'static str {
         match self.walk {
             Walk::General => "general",
+            Walk::Masked { .. } => "masked",
             Walk::Fast { nan: NAN_NONE, .. } => "fast",
             Walk::Fast { nan: NAN_ALL, .. } => "fast, NaN to a",
             Walk::Fast {
                 nan: NAN_PLANES, ..
             } => "fast, NaN planes",
             Walk::Fast { .. } => "fast, NaN flags",
+        }
+    }
+
+    /// How many laid-out nodes test set membership (for tests).
+    #[cfg(test)]
+    pub fn member_nodes(&self) -> usize {
+        match self.walk {
+            Walk::Masked { .. } => self
+                .conds
+                .iter()
+                .filter(|m| *m & (M_MEMBER | M_LIST) != 0)
+                .count(),
+            Walk::General => self.conds.iter().filter(|c| **c == C_MEMBER).count(),
+            Walk::Fast { .. } => 0,
         }
     }
 
@@ -607,15 +808,24 @@ impl<T: Num> Forest<T> {
         }
         let width_acc = self.acc_width();
         let shift = if width > WIDE { SHIFT_WIDE } else { SHIFT };
-        let block = if rows < LANES { 1 } else { 1usize << shift };
+        // Rows per block: the stride 1 << shift, fewer when there are many targets, to
+        // bound the accumulators.
+        let block = if rows < LANES {
+            1
+        } else {
+            let cap = ((1usize << 20) / width_acc.max(1)) / LANES * LANES;
+            (1usize << shift).min(cap.max(LANES))
+        };
         let mut acc = Acc::new(&self.payload, block, width_acc);
-        let planes = matches!(
-            self.walk,
+        // Forests whose nodes read two planes per feature, and how a value splits.
+        let split: Option<fn(T) -> [T; 2]> = match self.walk {
             Walk::Fast {
-                nan: NAN_PLANES,
-                ..
-            }
-        );
+                nan: NAN_PLANES, ..
+            } => Some(nan_planes::<T>),
+            Walk::Masked { member: true, .. } => Some(code_planes::<T>),
+            _ => None,
+        };
+        let planes = split.is_some();
         let mut doubled: Vec<T> = Vec::new();
         let mut sv = vec![Sv::<T>::default(); width_acc];
         if rows < LANES {
@@ -624,9 +834,9 @@ impl<T: Num> Forest<T> {
                 let mut row = &x[r * width..(r + 1) * width];
                 #[allow(clippy::eq_op)]
                 let clean = !row.iter().any(|v| v != v);
-                if planes {
+                if let Some(split) = split {
                     doubled.clear();
-                    doubled.extend(row.iter().flat_map(|v| nan_planes(*v)));
+                    doubled.extend(row.iter().flat_map(|v| split(*v)));
                     row = &doubled;
                 }
                 acc.reset(1);
@@ -645,15 +855,15 @@ impl<T: Num> Forest<T> {
         let mut leaves = vec![0u32; block];
         // Lanes past the last row of the final block read stale values; their leaves are
         // dropped.
-        let mut xt = vec![T::ZERO; width * block * if planes { 2 } else { 1 }];
+        let mut xt = vec![T::ZERO; (width << shift) * if planes { 2 } else { 1 }];
         let mut start = 0;
         while start < rows {
             let nb = block.min(rows - start);
             let xb = &x[start * width..(start + nb) * width];
             for (r, row) in xb.chunks_exact(width.max(1)).enumerate() {
-                if planes {
+                if let Some(split) = split {
                     for (f, v) in row.iter().enumerate() {
-                        let [lo, hi] = nan_planes(*v);
+                        let [lo, hi] = split(*v);
                         xt[((2 * f) << shift) + r] = lo;
                         xt[((2 * f + 1) << shift) + r] = hi;
                     }
@@ -939,6 +1149,27 @@ impl<T: Num> Forest<T> {
                 sets: &self.sets,
                 values: &self.set_values,
             }),
+            Walk::Masked { member: false, .. } => job.run(Masked::<T, false, false> {
+                nodes,
+                sets: &self.sets,
+                values: &self.set_values,
+            }),
+            Walk::Masked {
+                member: true,
+                inline: false,
+            } => job.run(Masked::<T, true, false> {
+                nodes,
+                sets: &self.sets,
+                values: &self.set_values,
+            }),
+            Walk::Masked {
+                member: true,
+                inline: true,
+            } => job.run(Masked::<T, true, true> {
+                nodes,
+                sets: &self.sets,
+                values: &self.set_values,
+            }),
         }
     }
 }
@@ -979,10 +1210,18 @@ impl Forest<f32> {
             nodes: self
                 .nodes
                 .iter()
-                .map(|n| Node {
-                    feature: n.feature,
-                    c: n.c,
-                    threshold: n.threshold as f64,
+                .map(|n| {
+                    let inline_set = matches!(self.walk, Walk::Masked { inline: true, .. })
+                        && (n.feature >> 24) & M_MEMBER as u32 != 0;
+                    Node {
+                        feature: n.feature,
+                        c: n.c,
+                        threshold: if inline_set {
+                            f64::from_bits(n.threshold.to_bits() as u64)
+                        } else {
+                            n.threshold as f64
+                        },
+                    }
                 })
                 .collect(),
             conds: self.conds.clone(),
@@ -1005,14 +1244,22 @@ impl Forest<f32> {
 fn nan_planes<T: Num>(v: T) -> [T; 2] {
     #[allow(clippy::eq_op)]
     if v != v {
-        [T::from_f64(f64::NEG_INFINITY), T::from_f64(f64::INFINITY)]
+        [T::from_f64(f64::NEG_INFINITY), v]
     } else {
         [v, v]
     }
 }
 
+/// A value and its category code (`bit_index`, 65 for NaN), for set-membership nodes.
+#[inline]
+fn code_planes<T: Num>(v: T) -> [T; 2] {
+    #[allow(clippy::eq_op)]
+    let code = if v != v { 65 } else { v.bit_index() };
+    [v, T::from_usize(code as usize)]
+}
+
 /// Whether [`NAN_PLANES`] routes NaN exactly like onnxruntime for every branch: -inf must
-/// satisfy the normalised comparison where NaN goes to "a", +inf must fail it elsewhere.
+/// satisfy the normalised comparison where NaN goes to "a" (elsewhere NaN itself fails it).
 fn planes_work(spec: &Spec, lt: bool) -> bool {
     spec.nodes.iter().all(|node| match *node {
         SpecNode::Branch {
@@ -1021,8 +1268,8 @@ fn planes_work(spec: &Spec, lt: bool) -> bool {
             missing_true,
             ..
         } => match fast_form(cond, missing_true) {
-            Some((_, _, true)) => !threshold.is_nan() && !(lt && threshold == f64::NEG_INFINITY),
-            Some((_, _, false)) => lt || threshold != f64::INFINITY,
+            Some((_, _, true)) => !(threshold.is_nan() || (lt && threshold == f64::NEG_INFINITY)),
+            Some((_, _, false)) => true,
             None => false,
         },
         SpecNode::Leaf { .. } => true,
@@ -1122,6 +1369,106 @@ impl<T: Num> Acc<T> {
             *out = Sv { score, has };
         }
     }
+}
+
+/// A membership set as a 64-bit mask when every value is an integer in 0..64 (NaN values,
+/// which no input equals, are dropped).
+fn small_set(values: &[f64]) -> Option<u64> {
+    let mut bits = 0u64;
+    for &v in values {
+        if v.is_nan() {
+            continue;
+        }
+        if !(0.0..64.0).contains(&v) || v.fract() != 0.0 {
+            return None;
+        }
+        bits |= 1u64 << (v as u32);
+    }
+    Some(bits)
+}
+
+/// Chains of `==` nodes on one feature that share their true child (how converters write a
+/// categorical split: "x == 3, else x == 7, else ...") become one set-membership node at the
+/// chain's head. Exact: the chain goes to its true child iff the value equals one of the
+/// thresholds, or is NaN and some node of the chain tracks missing values to true. Nodes
+/// inside a chain stay as they were for any other parent. `None` when there is no chain.
+fn merge_eq_chains(spec: &Spec) -> Option<Spec> {
+    let next_in_chain = |n: usize| -> Option<usize> {
+        let SpecNode::Branch {
+            cond: Cond::Eq,
+            feature,
+            t,
+            f,
+            ..
+        } = spec.nodes[n]
+        else {
+            return None;
+        };
+        match spec.nodes.get(f) {
+            Some(SpecNode::Branch {
+                cond: Cond::Eq,
+                feature: g,
+                t: u,
+                ..
+            }) if *g == feature && *u == t => Some(f),
+            _ => None,
+        }
+    };
+    let mut inner = vec![false; spec.nodes.len()];
+    let mut any = false;
+    for n in 0..spec.nodes.len() {
+        if let Some(f) = next_in_chain(n) {
+            inner[f] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return None;
+    }
+    let mut out = spec.clone();
+    for (head, &is_inner) in inner.iter().enumerate() {
+        if is_inner || next_in_chain(head).is_none() {
+            continue;
+        }
+        let SpecNode::Branch { feature, t, .. } = spec.nodes[head] else {
+            continue;
+        };
+        let start = out.sets.len();
+        let mut tracked = false;
+        let mut at = head;
+        let mut last_false = head;
+        // The spec is acyclic, so the chain ends; the bound is a second guard.
+        for _ in 0..spec.nodes.len() {
+            let SpecNode::Branch {
+                threshold,
+                missing_true,
+                f,
+                ..
+            } = spec.nodes[at]
+            else {
+                break;
+            };
+            out.sets.push(threshold);
+            tracked |= missing_true;
+            last_false = f;
+            match next_in_chain(at) {
+                Some(next) => at = next,
+                None => break,
+            }
+        }
+        out.nodes[head] = SpecNode::Branch {
+            cond: Cond::Member {
+                start,
+                len: out.sets.len() - start,
+            },
+            feature,
+            threshold: 0.0,
+            missing_true: tracked,
+            t,
+            f: last_false,
+        };
+    }
+    Some(out)
 }
 
 /// Rejects cycles (shared subtrees are fine) and trees deeper than [`MAX_DEPTH`], by an
@@ -1293,13 +1640,13 @@ fn dense_payload<'s, T: Num>(
         return Ok(None);
     }
     let mut leaf_mask = vec![0u64; slots.len()];
-    for i in 0..slots.len() {
+    for (i, m) in leaf_mask.iter_mut().enumerate() {
         for &(c, _) in leaf_weights(i)? {
             let bit = 1u64 << c;
-            if leaf_mask[i] & bit != 0 {
+            if *m & bit != 0 {
                 return Ok(None);
             }
-            leaf_mask[i] |= bit;
+            *m |= bit;
         }
     }
     // Per tree: the union of its reachable leaves' targets.
@@ -1479,41 +1826,126 @@ impl<T: Num> Step<T> for General<'_, T> {
     }
 }
 
-/// `K` traversals in lockstep: `sure` steps in which no lane can reach a leaf (the tree's
-/// shortest path), then up to `steps` (its longest) until no lane moves. Lane `k` reads
-/// `x[(f << SHIFT) + base + k]` when `ROWS` (lanes are rows of a feature-major block), else
-/// `x[f]` (lanes are trees on one row).
+#[derive(Clone, Copy)]
+struct Masked<'a, T, const MEMBER: bool, const INLINE: bool> {
+    nodes: &'a [Node<T>],
+    sets: &'a [(u32, u32)],
+    values: &'a [T],
+}
+
+impl<T: Num, const MEMBER: bool, const INLINE: bool> Step<T> for Masked<'_, T, MEMBER, INLINE> {
+    #[inline(always)]
+    fn next<const SHIFT: u32>(&self, i: u32, x: &[T], lane: usize) -> u32 {
+        let n = &self.nodes[i as usize];
+        let m = n.feature >> 24;
+        let v = x[(((n.feature & (MASKED_FEATURES - 1)) as usize) << SHIFT) + lane];
+        let t = n.threshold;
+        // outcome: 0 unordered, 1 less, 2 greater, 3 equal
+        let outcome = (v < t) as u32 + 2 * (v > t) as u32 + 3 * (v == t) as u32;
+        let mut hit = (m >> outcome) & 1 != 0;
+        if MEMBER {
+            // bit-set members read the category code: 0..64, 64 other values, 65 NaN
+            let bits = if INLINE {
+                t.to_bits64()
+            } else {
+                let (lo, hi) = self.sets[i as usize];
+                (hi as u64) << 32 | lo as u64
+            };
+            let code = v.to_code();
+            let member = (((bits >> (code & 63)) & 1 != 0) & (code < 64))
+                | ((code == 65) & (m & M_NAN as u32 != 0));
+            hit = if m & M_MEMBER as u32 != 0 {
+                member
+            } else {
+                hit
+            };
+            if m & M_LIST as u32 != 0 {
+                let (s, l) = self.sets[i as usize];
+                #[allow(clippy::eq_op)]
+                let nan = v != v;
+                hit = self.values[s as usize..(s + l) as usize].contains(&v)
+                    | (nan & (m & M_NAN as u32 != 0));
+            }
+        }
+        n.c.wrapping_add(hit as u32)
+    }
+}
+
+/// Runs `$body` for each of the [`LANES`] lanes with `$k` a constant, so the lane state
+/// stays in registers whatever the size of the step kernel.
+macro_rules! each_lane {
+    ($k:ident => $body:block) => {{
+        const _: () = assert!(LANES == 8);
+        {
+            let $k = 0usize;
+            $body
+        }
+        {
+            let $k = 1usize;
+            $body
+        }
+        {
+            let $k = 2usize;
+            $body
+        }
+        {
+            let $k = 3usize;
+            $body
+        }
+        {
+            let $k = 4usize;
+            $body
+        }
+        {
+            let $k = 5usize;
+            $body
+        }
+        {
+            let $k = 6usize;
+            $body
+        }
+        {
+            let $k = 7usize;
+            $body
+        }
+    }};
+}
+
+/// [`LANES`] traversals in lockstep: `sure` steps in which no lane can reach a leaf (the
+/// tree's shortest path), then up to `steps` (its longest) until no lane moves. Lane `k`
+/// reads `x[(f << SHIFT) + base + k]` when `ROWS` (lanes are rows of a feature-major block),
+/// else `x[f]` (lanes are trees on one row).
 #[inline(always)]
-fn walk<T, S: Step<T>, const K: usize, const SHIFT: u32, const ROWS: bool>(
+fn walk<T, S: Step<T>, const SHIFT: u32, const ROWS: bool>(
     s: S,
-    mut idx: [u32; K],
+    mut idx: [u32; LANES],
     x: &[T],
     base: usize,
     sure: u32,
     steps: u32,
-) -> [u32; K] {
+) -> [u32; LANES] {
     let lane = |k: usize| if ROWS { base + k } else { 0 };
     let sure = sure.min(steps);
     for _ in 0..sure {
-        for k in 0..K {
+        each_lane!(k => {
             idx[k] = s.next::<SHIFT>(idx[k], x, lane(k));
-        }
+        });
     }
     // Then check for progress every other step only.
     let mut left = steps - sure;
     while left > 0 {
         if left >= 2 {
-            for k in 0..K {
+            each_lane!(k => {
                 idx[k] = s.next::<SHIFT>(idx[k], x, lane(k));
-            }
+            });
             left -= 1;
         }
         let mut moved = 0u32;
-        for k in 0..K {
+        each_lane!(k => {
             let next = s.next::<SHIFT>(idx[k], x, lane(k));
             moved |= next ^ idx[k];
             idx[k] = next;
-        }
+        });
         left -= 1;
         if moved == 0 {
             break;
@@ -1540,7 +1972,7 @@ impl<T, const SHIFT: u32> Job<T> for RowsJob<'_, T, SHIFT> {
     #[inline]
     fn run<S: Step<T>>(self, s: S) {
         for (g, out) in self.out.chunks_mut(LANES).enumerate() {
-            let leaves = walk::<T, S, LANES, SHIFT, true>(
+            let leaves = walk::<T, S, SHIFT, true>(
                 s,
                 [self.root; LANES],
                 self.xt,
@@ -1566,7 +1998,6 @@ struct TreesJob<'a, T> {
 impl<T> Job<T> for TreesJob<'_, T> {
     #[inline]
     fn run<S: Step<T>>(self, s: S) {
-        *self.out =
-            walk::<T, S, LANES, 0, false>(s, self.roots, self.row, 0, self.sure, self.steps);
+        *self.out = walk::<T, S, 0, false>(s, self.roots, self.row, 0, self.sure, self.steps);
     }
 }

@@ -35,7 +35,10 @@ fn tree_classifier(
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let parsed = attrs::parse_v3(node, true)?;
-    Ok((expansion(Trees::new(Kind::Classifier, parsed)?), vec![]))
+    Ok((
+        expansion(Trees::new(Kind::Classifier, parsed, &node.name)?),
+        vec![],
+    ))
 }
 
 fn tree_regressor(
@@ -43,7 +46,10 @@ fn tree_regressor(
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let parsed = attrs::parse_v3(node, false)?;
-    Ok((expansion(Trees::new(Kind::Regressor, parsed)?), vec![]))
+    Ok((
+        expansion(Trees::new(Kind::Regressor, parsed, &node.name)?),
+        vec![],
+    ))
 }
 
 fn tree_ensemble(
@@ -51,7 +57,10 @@ fn tree_ensemble(
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let parsed = attrs::parse_v5(node)?;
-    Ok((expansion(Trees::new(Kind::Ensemble, parsed)?), vec![]))
+    Ok((
+        expansion(Trees::new(Kind::Ensemble, parsed, &node.name)?),
+        vec![],
+    ))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,8 +111,10 @@ struct Trees {
 }
 
 impl Trees {
-    fn new(kind: Kind, parsed: Parsed) -> TractResult<Trees> {
-        let name = kind.name();
+    /// Builds the kernel; `node` names the graph node in errors.
+    fn new(kind: Kind, parsed: Parsed, node: &str) -> TractResult<Trees> {
+        let name = format!("{} node {node:?}", kind.name());
+        let name = name.as_str();
         let double = OnceLock::new();
         let (single, max_feature, trees) = if parsed.double {
             let f = Forest::<f64>::build(&parsed.spec, name)?;
@@ -167,7 +178,10 @@ impl Trees {
         let mut scratch = Vec::with_capacity(self.n);
         match self.kind {
             Kind::Classifier => {
-                let mut scores = vec![0f32; rows * self.n];
+                let size = rows
+                    .checked_mul(self.n)
+                    .ok_or_else(|| format_err!("output too large"))?;
+                let mut scores = vec![0f32; size];
                 let mut labels = Vec::with_capacity(rows);
                 forest.score(x, width, rows, |r, sv| {
                     let out = &mut scores[r * self.n..(r + 1) * self.n];
@@ -196,7 +210,10 @@ impl Trees {
         width: usize,
         base: &[T],
     ) -> TractResult<Tensor> {
-        let mut values = vec![O::default(); rows * self.n];
+        let size = rows
+            .checked_mul(self.n)
+            .ok_or_else(|| format_err!("output too large"))?;
+        let mut values = vec![O::default(); size];
         let mut scratch = Vec::with_capacity(self.n);
         let n_trees = T::from_usize(self.trees);
         forest.score(x, width, rows, |r, sv| {

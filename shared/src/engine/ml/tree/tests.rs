@@ -129,7 +129,7 @@ fn build(kind: Kind, attrs: Vec<AttributeProto>) -> TractResult<Trees> {
         Kind::Regressor => attrs::parse_v3(&n, false)?,
         Kind::Ensemble => attrs::parse_v5(&n)?,
     };
-    Trees::new(kind, parsed)
+    Trees::new(kind, parsed, "n")
 }
 
 fn x32(rows: &[&[f32]]) -> Tensor {
@@ -268,19 +268,40 @@ fn every_mode_and_missing_value_tracking_match_onnxruntime() {
     let xs = [f32::NAN, 0.0, 0.4, 0.0, 0.5, 0.0, 0.6, 0.0];
     for mode in MODES {
         let (plain, tracked) = mode_expectations(mode);
-        for general in [false, true] {
-            let base = if general {
-                reg_stump_general(mode, 0.5)
-            } else {
+        // 0: the stump alone; 1: with an `==` tree (truth-table kernel); 2: that tree
+        // against a NaN threshold with missing value tracking (literal general kernel)
+        for variant in 0..3 {
+            let mut base = if variant == 0 {
                 reg_stump(mode, 0.5)
-            };
-            let k = build(Kind::Regressor, base.clone()).unwrap();
-            assert_eq!(run_both(&k, &xs, 2), plain, "{mode} general={general}");
-            let mvt = if general {
-                vec![1, 0, 0, 0, 0, 0]
             } else {
-                vec![1, 0, 0]
+                reg_stump_general(mode, 0.5)
             };
+            let mut mvt = vec![0i64; if variant == 0 { 3 } else { 6 }];
+            if variant == 2 {
+                base = with(
+                    base,
+                    vec![floats("nodes_values", &[0.5, 0.0, 0.0, f32::NAN, 0.0, 0.0])],
+                );
+                mvt[3] = 1;
+            }
+            let k = build(
+                Kind::Regressor,
+                with(
+                    base.clone(),
+                    vec![ints("nodes_missing_value_tracks_true", &mvt)],
+                ),
+            )
+            .unwrap();
+            let kernel = k.single.as_ref().unwrap().kernel();
+            assert!(
+                matches!(
+                    (variant, kernel),
+                    (0, "fast" | "fast, NaN to a" | "masked") | (1, "masked") | (2, "general")
+                ),
+                "{mode} variant {variant} runs {kernel}"
+            );
+            assert_eq!(run_both(&k, &xs, 2), plain, "{mode} variant {variant}");
+            mvt[0] = 1;
             let k = build(
                 Kind::Regressor,
                 with(base, vec![ints("nodes_missing_value_tracks_true", &mvt)]),
@@ -289,7 +310,7 @@ fn every_mode_and_missing_value_tracking_match_onnxruntime() {
             assert_eq!(
                 run_both(&k, &xs, 2),
                 tracked,
-                "{mode} tracked general={general}"
+                "{mode} tracked, variant {variant}"
             );
         }
     }
@@ -1244,6 +1265,8 @@ fn fast_kernels_agree_with_the_general_one() {
             let swapped = mode.starts_with("BRANCH_G");
             let kernel = match (tracked, swapped) {
                 (4 | 5, true) => "general",
+                // -inf against `<` (BRANCH_LT, BRANCH_GTE normalised) defeats the planes
+                (3, _) if !mode.contains("LT") && !mode.contains("GTE") => "fast, NaN planes",
                 (3..=5, _) => "fast, NaN flags",
                 (1, _) => "fast, NaN planes",
                 (0, false) | (2, true) => "fast",
@@ -1252,7 +1275,8 @@ fn fast_kernels_agree_with_the_general_one() {
             assert_eq!(fast.single.as_ref().unwrap().kernel(), kernel);
             let fast = fast.eval(&[&xt]).unwrap();
             let general = build(Kind::Classifier, force_general(attrs.clone(), classes)).unwrap();
-            assert_eq!(general.single.as_ref().unwrap().kernel(), "general");
+            let expected = if tracked >= 4 { "general" } else { "masked" };
+            assert_eq!(general.single.as_ref().unwrap().kernel(), expected);
             let general = general.eval(&[&xt]).unwrap();
             assert_eq!(
                 i64s(&fast[0]),
@@ -1277,6 +1301,77 @@ fn fast_kernels_agree_with_the_general_one() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// A categorical split as converters write it: `x0 == 1`, else `x0 == 4`, else `x0 == c`,
+/// all true branches to one leaf (weight 10) — or, with `distinct`, to three equal leaves,
+/// which keeps the chain from being merged into one membership test.
+fn eq_chain(c: f32, mvt: [i64; 3], distinct: bool) -> Vec<AttributeProto> {
+    let t = if distinct { [3, 5, 6] } else { [3, 3, 3] };
+    vec![
+        ints("nodes_treeids", &[0; 7]),
+        ints("nodes_nodeids", &[0, 1, 2, 3, 4, 5, 6]),
+        ints("nodes_featureids", &[0; 7]),
+        floats("nodes_values", &[1.0, 4.0, c, 0.0, 0.0, 0.0, 0.0]),
+        strs(
+            "nodes_modes",
+            &[
+                "BRANCH_EQ",
+                "BRANCH_EQ",
+                "BRANCH_EQ",
+                "LEAF",
+                "LEAF",
+                "LEAF",
+                "LEAF",
+            ],
+        ),
+        ints("nodes_truenodeids", &[t[0], t[1], t[2], 0, 0, 0, 0]),
+        ints("nodes_falsenodeids", &[1, 2, 4, 0, 0, 0, 0]),
+        ints(
+            "nodes_missing_value_tracks_true",
+            &[mvt[0], mvt[1], mvt[2], 0, 0, 0, 0],
+        ),
+        ints("target_treeids", &[0; 4]),
+        ints("target_nodeids", &[3, 4, 5, 6]),
+        ints("target_ids", &[0; 4]),
+        floats("target_weights", &[10.0, 20.0, 10.0, 10.0]),
+        int("n_targets", 1),
+    ]
+}
+
+#[test]
+fn equality_chains_become_exact_membership_tests() {
+    let values = [
+        0.0,
+        1.0,
+        2.0,
+        2.5,
+        4.0,
+        7.0,
+        100.0,
+        f32::NAN,
+        -1.0,
+        70.0,
+        -0.0,
+        1.0000001,
+        63.0,
+        64.0,
+    ];
+    let xs: Vec<f32> = values.iter().flat_map(|v| [*v, 0.0]).collect();
+    for c in [7.0, 63.0, 100.0, 2.5, f32::NAN] {
+        for mvt in [[0, 0, 0], [0, 1, 0], [1, 0, 0]] {
+            let merged = build(Kind::Regressor, eq_chain(c, mvt, false)).unwrap();
+            let plain = build(Kind::Regressor, eq_chain(c, mvt, true)).unwrap();
+            assert_eq!(merged.single.as_ref().unwrap().member_nodes(), 1);
+            assert_eq!(plain.single.as_ref().unwrap().member_nodes(), 0);
+            let want = run_both(&plain, &xs, 2);
+            assert_eq!(run_both(&merged, &xs, 2), want, "c={c} mvt={mvt:?}");
+            // spot checks of the reference itself
+            assert_eq!(want[1], 10.0);
+            assert_eq!(want[0], 20.0);
+            assert_eq!(want[7], if mvt == [0, 0, 0] { 20.0 } else { 10.0 });
         }
     }
 }
