@@ -20,8 +20,12 @@
 //! mixed — then resolved in the data (each feature given twice, NaN as -inf or as NaN, the
 //! node reading the copy that routes NaN its way), falling back to a per-node flag in the
 //! rare cases (NaN or infinite thresholds) where that would not be exact. Anything else
-//! (`==`, `!=`, set membership, `<=` mixed with `<`) uses the general kernel, which follows
-//! onnxruntime's per-node rules literally.
+//! (`==`, `!=`, set membership, `<=` mixed with `<`) uses the masked kernel: a per-node
+//! truth table over the comparison's outcome (less, greater, equal, unordered), and for set
+//! membership a bit set over a per-feature dictionary of category values (chains of `==`
+//! nodes that converters emit for categorical splits are merged into such sets first). A
+//! literal transcription of onnxruntime's per-node rules covers the leftovers (NaN thresholds
+//! with missing-value tracking).
 //!
 //! Accumulation follows onnxruntime's order exactly (trees in order, a leaf's weights in
 //! attribute order) in the threshold precision `T`: `f32` for float/integer inputs, `f64`
@@ -45,7 +49,8 @@ const SHIFT: u32 = 7;
 const SHIFT_WIDE: u32 = 3;
 /// Widths beyond which blocks use [`SHIFT_WIDE`].
 const WIDE: usize = 1 << 13;
-/// Feature ids are stored in the low 31 bits of [`Node::feature`]; the top bit is a flag.
+/// Feature ids are stored in the low 31 bits of [`Node::feature`]; the top bit is a flag
+/// (the masked kernel uses the top byte for its truth table instead).
 const FEATURE_MASK: u32 = 0x7fff_ffff;
 const FLAG: u32 = 0x8000_0000;
 
@@ -69,8 +74,6 @@ pub(crate) trait Num:
     fn from_usize(v: usize) -> Self;
     fn to_f64(self) -> f64;
     fn to_f32(self) -> f32;
-    /// The value as a bit index 0..64 when it is exactly such an integer, else 64.
-    fn bit_index(self) -> u32;
     /// A category code (a small non-negative integer value) back as an integer.
     fn to_code(self) -> u32;
     /// Bits of the type, which can carry a small set's bit mask in a threshold slot.
@@ -105,19 +108,6 @@ impl Num for f32 {
     fn to_code(self) -> u32 {
         self as u32
     }
-    #[inline(always)]
-    fn bit_index(self) -> u32 {
-        let k = if (0.0..64.0).contains(&self) {
-            self as u32
-        } else {
-            64
-        };
-        if k as f32 == self {
-            k
-        } else {
-            64
-        }
-    }
 }
 
 impl Num for f64 {
@@ -145,19 +135,6 @@ impl Num for f64 {
     #[inline(always)]
     fn to_code(self) -> u32 {
         self as u32
-    }
-    #[inline(always)]
-    fn bit_index(self) -> u32 {
-        let k = if (0.0..64.0).contains(&self) {
-            self as u32
-        } else {
-            64
-        };
-        if k as f64 == self {
-            k
-        } else {
-            64
-        }
     }
 }
 
@@ -249,7 +226,8 @@ pub(crate) struct Spec {
 #[repr(C)]
 struct Node<T> {
     /// Feature index (low 31 bits) and a flag: "NaN goes to a" for the mixed fast kernel,
-    /// "missing value tracks true" for the general one.
+    /// "missing value tracks true" for the general one; the masked kernel keeps its truth
+    /// table in the top byte. With two planes per feature, the index is `2f + plane`.
     feature: u32,
     c: u32,
     threshold: T,
@@ -299,8 +277,8 @@ enum Walk {
     /// `v < t` (`lt`) or `v <= t` selects `a`; NaN per `nan`.
     Fast { lt: bool, nan: u8 },
     /// Any conditions, decided per node from a truth table over the comparison's outcome
-    /// (`member`: some nodes test set membership).
-    /// (`inline`: every bit-set fits in a threshold slot, which then holds it).
+    /// (`member`: some nodes test set membership, reading a category-code plane; `inline`:
+    /// every bit set fits in a threshold slot, which then holds it).
     Masked { member: bool, inline: bool },
     /// Any conditions, onnxruntime's per-node rules literally (NaN thresholds with missing
     /// value tracking, which the truth table cannot express).
@@ -314,7 +292,8 @@ const M_NAN: u8 = 1;
 const M_LT: u8 = 2;
 const M_GT: u8 = 4;
 const M_EQ: u8 = 8;
-/// Membership in a set of small integers, held as a 64-bit mask in the node's set entry.
+/// Membership in a set of dictionary codes, held as a 64-bit mask in the node's set entry
+/// (or its threshold slot).
 const M_MEMBER: u8 = 16;
 /// Membership in a list of values, scanned.
 const M_LIST: u8 = 32;
@@ -373,7 +352,8 @@ struct DenseTree {
 #[derive(Clone, PartialEq)]
 pub(crate) struct Forest<T> {
     nodes: Vec<Node<T>>,
-    /// General kernel only: condition code and member-set range per node.
+    /// General and masked kernels: condition code (or truth table) and member-set range or
+    /// bit set per node.
     conds: Vec<u8>,
     sets: Vec<(u32, u32)>,
     set_values: Vec<T>,
@@ -387,6 +367,8 @@ pub(crate) struct Forest<T> {
     agg: Agg,
     /// Largest feature index a reachable branch reads.
     max_feature: Option<usize>,
+    /// Per feature, the category dictionary of the masked kernel's bit-set members.
+    dicts: Vec<Vec<T>>,
 }
 
 impl<T> fmt::Debug for Forest<T> {
@@ -458,12 +440,15 @@ impl<T: Num> Forest<T> {
                 }
             }
         }
+        // Per feature, the distinct values its membership tests name (at most 64): the
+        // category dictionary a value is coded against.
+        let dicts = member_dicts(spec);
         let walk = if other || (le && lt) {
             // With a NaN threshold every comparison is unordered, as for a NaN value: the
             // table cannot tell "missing value tracks true" from "the value is NaN".
             let ambiguous = spec.nodes.iter().any(|node| {
                 matches!(*node, SpecNode::Branch { cond, threshold, missing_true: true, .. }
-                    if threshold.is_nan() && cond != Cond::Neq)
+                    if threshold.is_nan() && !matches!(cond, Cond::Neq | Cond::Member { .. }))
             });
             if ambiguous {
                 Walk::General
@@ -484,11 +469,8 @@ impl<T: Num> Forest<T> {
                 for node in &spec.nodes {
                     if let SpecNode::Branch { cond, feature, .. } = *node {
                         narrow &= (feature as u64) * 2 + 1 < MASKED_FEATURES as u64;
-                        if let Cond::Member { start, len } = cond {
-                            let bits = spec
-                                .sets
-                                .get(start..start.saturating_add(len))
-                                .and_then(small_set);
+                        if let Cond::Member { .. } = cond {
+                            let bits = member_bits(&dicts, spec, cond, feature);
                             inline &= bits.is_some_and(|b| T::BITS == 64 || b >> 32 == 0);
                         }
                     }
@@ -642,24 +624,17 @@ impl<T: Num> Forest<T> {
                     } else {
                         mixed && goes_a
                     };
-                    let feature = if planes {
+                    let bits = member_bits(&dicts, spec, cond, feature);
+                    let word = if planes {
                         2 * feature + u32::from(!goes_a)
                     } else if matches!(walk, Walk::Masked { member: true, .. }) {
                         // bit-set members read the category code plane
-                        let member = match cond {
-                            Cond::Member { start, len } => spec
-                                .sets
-                                .get(start..start.saturating_add(len))
-                                .and_then(small_set)
-                                .is_some(),
-                            _ => false,
-                        };
-                        2 * feature + u32::from(member)
+                        2 * feature + u32::from(bits.is_some())
                     } else {
                         feature | if flag { FLAG } else { 0 }
                     };
                     let node = Node {
-                        feature,
+                        feature: word,
                         c,
                         threshold: T::from_f64(threshold),
                     };
@@ -680,7 +655,6 @@ impl<T: Num> Forest<T> {
                                 spec.sets.get(start..start.saturating_add(len)).ok_or_else(
                                     || format_err!("{what}: membership values out of range"),
                                 )?;
-                            let bits = small_set(values);
                             match bits {
                                 Some(bits) if matches!(walk, Walk::Masked { .. }) => {
                                     let code = M_MEMBER | (cond_mask(cond, missing_true) & M_NAN);
@@ -735,7 +709,30 @@ impl<T: Num> Forest<T> {
             n: spec.n,
             agg: spec.agg,
             max_feature,
+            dicts: dicts
+                .iter()
+                .map(|d| d.iter().flatten().map(|v| T::from_f64(*v)).collect())
+                .collect(),
         })
+    }
+
+    /// The category code of value `v` of feature `f` for set-membership nodes: its index in
+    /// the feature's dictionary, 64 when absent, 65 for NaN.
+    #[inline]
+    fn code(&self, f: usize, v: T) -> T {
+        #[allow(clippy::eq_op)]
+        let code = if v != v {
+            65
+        } else {
+            self.dicts
+                .get(f)
+                .and_then(|d| {
+                    d.binary_search_by(|e| e.partial_cmp(&v).unwrap_or(std::cmp::Ordering::Less))
+                        .ok()
+                })
+                .unwrap_or(64)
+        };
+        T::from_usize(code)
     }
 
     /// Which traversal kernel the forest uses (for tests).
@@ -818,14 +815,22 @@ impl<T: Num> Forest<T> {
         };
         let mut acc = Acc::new(&self.payload, block, width_acc);
         // Forests whose nodes read two planes per feature, and how a value splits.
-        let split: Option<fn(T) -> [T; 2]> = match self.walk {
+        let codes = matches!(self.walk, Walk::Masked { member: true, .. });
+        let nan = matches!(
+            self.walk,
             Walk::Fast {
-                nan: NAN_PLANES, ..
-            } => Some(nan_planes::<T>),
-            Walk::Masked { member: true, .. } => Some(code_planes::<T>),
-            _ => None,
+                nan: NAN_PLANES,
+                ..
+            }
+        );
+        let split = |f: usize, v: T| -> [T; 2] {
+            if codes {
+                [v, self.code(f, v)]
+            } else {
+                nan_planes(v)
+            }
         };
-        let planes = split.is_some();
+        let planes = codes || nan;
         let mut doubled: Vec<T> = Vec::new();
         let mut sv = vec![Sv::<T>::default(); width_acc];
         if rows < LANES {
@@ -834,9 +839,9 @@ impl<T: Num> Forest<T> {
                 let mut row = &x[r * width..(r + 1) * width];
                 #[allow(clippy::eq_op)]
                 let clean = !row.iter().any(|v| v != v);
-                if let Some(split) = split {
+                if planes {
                     doubled.clear();
-                    doubled.extend(row.iter().flat_map(|v| split(*v)));
+                    doubled.extend(row.iter().enumerate().flat_map(|(f, v)| split(f, *v)));
                     row = &doubled;
                 }
                 acc.reset(1);
@@ -861,9 +866,9 @@ impl<T: Num> Forest<T> {
             let nb = block.min(rows - start);
             let xb = &x[start * width..(start + nb) * width];
             for (r, row) in xb.chunks_exact(width.max(1)).enumerate() {
-                if let Some(split) = split {
+                if planes {
                     for (f, v) in row.iter().enumerate() {
-                        let [lo, hi] = split(*v);
+                        let [lo, hi] = split(f, *v);
                         xt[((2 * f) << shift) + r] = lo;
                         xt[((2 * f + 1) << shift) + r] = hi;
                     }
@@ -1235,6 +1240,11 @@ impl Forest<f32> {
             n: self.n,
             agg: self.agg,
             max_feature: self.max_feature,
+            dicts: self
+                .dicts
+                .iter()
+                .map(|d| d.iter().map(|v| *v as f64).collect())
+                .collect(),
         }
     }
 }
@@ -1248,14 +1258,6 @@ fn nan_planes<T: Num>(v: T) -> [T; 2] {
     } else {
         [v, v]
     }
-}
-
-/// A value and its category code (`bit_index`, 65 for NaN), for set-membership nodes.
-#[inline]
-fn code_planes<T: Num>(v: T) -> [T; 2] {
-    #[allow(clippy::eq_op)]
-    let code = if v != v { 65 } else { v.bit_index() };
-    [v, T::from_usize(code as usize)]
 }
 
 /// Whether [`NAN_PLANES`] routes NaN exactly like onnxruntime for every branch: -inf must
@@ -1371,18 +1373,63 @@ impl<T: Num> Acc<T> {
     }
 }
 
-/// A membership set as a 64-bit mask when every value is an integer in 0..64 (NaN values,
-/// which no input equals, are dropped).
-fn small_set(values: &[f64]) -> Option<u64> {
+/// Per feature, the sorted distinct values of its membership tests, when there are at most
+/// 64 (NaN, which no value equals, left out; `-0.0` and `0.0` are one value).
+fn member_dicts(spec: &Spec) -> Vec<Option<Vec<f64>>> {
+    let mut dicts: Vec<Option<Vec<f64>>> = Vec::new();
+    for node in &spec.nodes {
+        if let SpecNode::Branch {
+            cond: Cond::Member { start, len },
+            feature,
+            ..
+        } = *node
+        {
+            let f = feature as usize;
+            if dicts.len() <= f {
+                dicts.resize(f + 1, Some(Vec::new()));
+            }
+            let values = spec
+                .sets
+                .get(start..start.saturating_add(len))
+                .unwrap_or(&[]);
+            if let Some(d) = &mut dicts[f] {
+                d.extend(values.iter().filter(|v| !v.is_nan()).map(|v| {
+                    if *v == 0.0 {
+                        0.0
+                    } else {
+                        *v
+                    }
+                }));
+            }
+        }
+    }
+    for d in dicts.iter_mut() {
+        if let Some(values) = d {
+            values.sort_by(f64::total_cmp);
+            values.dedup();
+            if values.len() > 64 {
+                *d = None;
+            }
+        }
+    }
+    dicts
+}
+
+/// A membership test's set as a mask over its feature's dictionary, if it has one.
+fn member_bits(dicts: &[Option<Vec<f64>>], spec: &Spec, cond: Cond, feature: u32) -> Option<u64> {
+    let Cond::Member { start, len } = cond else {
+        return None;
+    };
+    let dict = dicts.get(feature as usize)?.as_ref()?;
     let mut bits = 0u64;
-    for &v in values {
+    for v in spec.sets.get(start..start.saturating_add(len))? {
         if v.is_nan() {
             continue;
         }
-        if !(0.0..64.0).contains(&v) || v.fract() != 0.0 {
-            return None;
-        }
-        bits |= 1u64 << (v as u32);
+        let at = dict
+            .binary_search_by(|e| e.total_cmp(&if *v == 0.0 { 0.0 } else { *v }))
+            .ok()?;
+        bits |= 1u64 << at;
     }
     Some(bits)
 }
@@ -1841,7 +1888,12 @@ impl<T: Num, const MEMBER: bool, const INLINE: bool> Step<T> for Masked<'_, T, M
         let v = x[(((n.feature & (MASKED_FEATURES - 1)) as usize) << SHIFT) + lane];
         let t = n.threshold;
         // outcome: 0 unordered, 1 less, 2 greater, 3 equal
-        let outcome = (v < t) as u32 + 2 * (v > t) as u32 + 3 * (v == t) as u32;
+        let outcome = match v.partial_cmp(&t) {
+            None => 0,
+            Some(std::cmp::Ordering::Less) => 1,
+            Some(std::cmp::Ordering::Greater) => 2,
+            Some(std::cmp::Ordering::Equal) => 3,
+        };
         let mut hit = (m >> outcome) & 1 != 0;
         if MEMBER {
             // bit-set members read the category code: 0..64, 64 other values, 65 NaN

@@ -1368,10 +1368,70 @@ fn equality_chains_become_exact_membership_tests() {
             assert_eq!(plain.single.as_ref().unwrap().member_nodes(), 0);
             let want = run_both(&plain, &xs, 2);
             assert_eq!(run_both(&merged, &xs, 2), want, "c={c} mvt={mvt:?}");
+            // the same through the double-precision forest (widened from the float one)
+            let x64: Vec<f64> = xs.iter().map(|v| *v as f64).collect();
+            let x64 = tract_ndarray::Array2::from_shape_vec((xs.len() / 2, 2), x64)
+                .unwrap()
+                .into_tensor();
+            assert_eq!(
+                f32s(&merged.eval(&[&x64]).unwrap()[0]),
+                want,
+                "c={c} mvt={mvt:?} double"
+            );
             // spot checks of the reference itself
             assert_eq!(want[1], 10.0);
             assert_eq!(want[0], 20.0);
             assert_eq!(want[7], if mvt == [0, 0, 0] { 20.0 } else { 10.0 });
         }
     }
+}
+
+#[test]
+fn large_membership_sets_are_scanned() {
+    // 70 distinct values on one feature: too many for a 64-entry category dictionary
+    let mut members: Vec<f64> = (0..70).map(|i| i as f64 + 0.5).collect();
+    members.push(f64::NAN);
+    let k = build(Kind::Ensemble, v5(&[0, 6], Some(&members), vec![])).unwrap();
+    assert_eq!(k.single.as_ref().unwrap().kernel(), "masked");
+    assert_eq!(k.single.as_ref().unwrap().member_nodes(), 1);
+    let xs = [1., 0.5, 1., 69.5, 1., 70.5, 1., 3., 1., f32::NAN, 0., 0.5];
+    assert_eq!(
+        run_both(&k, &xs, 2),
+        [0., 2., 0., 2., 3., 0., 3., 0., 3., 0., 1., 0.]
+    );
+    // a few values with -0.0 and 0.0 as one category
+    let k = build(
+        Kind::Ensemble,
+        v5(&[0, 6], Some(&[-0.0, 2.5, f64::NAN]), vec![]),
+    )
+    .unwrap();
+    let xs = [1., 0.0, 1., -0.0, 1., 2.5, 1., 2.4, 1., -2.5];
+    assert_eq!(
+        run_both(&k, &xs, 2),
+        [0., 2., 0., 2., 0., 2., 3., 0., 3., 0.]
+    );
+}
+
+#[test]
+fn membership_nodes_ignore_their_split_value() {
+    // converters leave the split of a BRANCH_MEMBER node NaN; with missing value tracking
+    // that must not force the literal kernel nor change the result
+    let k = build(
+        Kind::Ensemble,
+        v5(
+            &[0, 6],
+            Some(&[1.0, 3.0]),
+            vec![
+                tensor_f("nodes_splits", &[0.5, f64::NAN], false),
+                ints("nodes_missing_value_tracks_true", &[0, 1]),
+            ],
+        ),
+    )
+    .unwrap();
+    assert_eq!(k.single.as_ref().unwrap().kernel(), "masked");
+    let xs = [0., 0., 1., 0., 1., 1., 1., f32::NAN, 1., 3.];
+    assert_eq!(
+        run_both(&k, &xs, 2),
+        [1., 0., 3., 0., 0., 2., 0., 2., 0., 2.]
+    );
 }
