@@ -162,7 +162,10 @@ fn wrong_column_count_and_unknown_input_are_named() {
             .unwrap();
         assert_eq!(out.status.code(), Some(65));
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("\"no_such_column\" is not an input"), "{err}");
+        assert!(
+            err.contains("line 1, column \"no_such_column\": not an input of the model (inputs: color, size, weight, count)"),
+            "{err}"
+        );
     }
 }
 

@@ -389,7 +389,7 @@ impl<'m> BatchBuilder<'m> {
                             1,
                             Some(name),
                             format!(
-                                "is not an input of the model (inputs: {})",
+                                "not an input of the model (inputs: {})",
                                 input_list(self.model)
                             ),
                         ));
@@ -416,8 +416,11 @@ impl<'m> BatchBuilder<'m> {
                 if let Some(missing) = (0..inputs.len()).find(|ix| !map.contains(ix)) {
                     return Err(InputError::new(
                         1,
-                        Some(&inputs[missing].name),
-                        "input of the model has no column in the header",
+                        None,
+                        format!(
+                            "the model's input {:?} has no column in the header",
+                            inputs[missing].name
+                        ),
                     ));
                 }
                 Layout::PerInput(map)
@@ -488,7 +491,7 @@ impl<'m> BatchBuilder<'m> {
                     line,
                     Some(key),
                     format!(
-                        "is not an input{} of the model (inputs: {})",
+                        "not an input{} of the model (inputs: {})",
                         if model.feature_names().is_some() {
                             " or feature"
                         } else {
@@ -517,9 +520,9 @@ impl<'m> BatchBuilder<'m> {
                         }
                         self.widths[0] = features.len();
                         for f in features {
-                            let v = obj.get(f).ok_or_else(|| {
-                                InputError::new(line, Some(f), "feature is missing")
-                            })?;
+                            let v = obj
+                                .get(f)
+                                .ok_or_else(|| InputError::new(line, Some(f), "missing"))?;
                             self.columns[0]
                                 .push_json(v)
                                 .map_err(|m| InputError::new(line, Some(f), m))?;
@@ -530,9 +533,9 @@ impl<'m> BatchBuilder<'m> {
                             line,
                             Some(&info.name),
                             if self.single_input().is_some() {
-                                format!("input is missing (the model has no feature names; give \"{}\": [{} values])", info.name, self.widths[ix])
+                                format!("missing (the model has no feature names; give \"{}\": [{} values])", info.name, self.widths[ix])
                             } else {
-                                "input is missing".to_string()
+                                "missing".to_string()
                             },
                         ))
                     }
