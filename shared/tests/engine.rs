@@ -368,3 +368,15 @@ fn json_rows_by_input_name_or_feature_name() {
         serde_json::json!([8.0, 6.0])
     );
 }
+
+#[test]
+fn json_rows_of_different_widths_are_refused_not_panicking() {
+    // A model whose single input has an unknown width: the first row fixes it.
+    let model = scaler(2, Some(&["speed", "temp"]));
+    let mut b = model.batch_builder();
+    let row = |s: &str| serde_json::from_str::<serde_json::Map<String, Value>>(s).unwrap();
+    b.push_json(&row(r#"{"X": [1, 2]}"#), 1).unwrap();
+    let err = b.push_json(&row(r#"{"X": [1, 2, 3]}"#), 2).unwrap_err();
+    assert!(err.to_string().contains("line 2"), "{err}");
+    assert_eq!(model.run(&b.take()).unwrap().rows, 1);
+}

@@ -265,19 +265,38 @@ impl Batch {
                 }
             };
             let (a, b) = (start * width, (start + len) * width);
+            // Rows of different widths cannot be stacked; say so rather than index past the end.
+            let range_err = || EngineError::Input {
+                input: info.name.clone(),
+                message: format!(
+                    "rows {start}..{} do not all have {width} values",
+                    start + len
+                ),
+            };
             let t: Tensor = match col {
-                Column::F32(v) => tensor_of(&shape, &v[a..b]).map_err(err)?,
-                Column::F64(v) => tensor_of(&shape, &v[a..b]).map_err(err)?,
-                Column::I64(v) => tensor_of(&shape, &v[a..b]).map_err(err)?,
-                Column::I32(v) => tensor_of(&shape, &v[a..b]).map_err(err)?,
-                Column::Bool(v) => tensor_of(&shape, &v[a..b]).map_err(err)?,
-                Column::Str(v) => {
-                    tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v[a..b].to_vec())
-                        .map_err(|e| err(e.into()))?
-                        .into_tensor()
+                Column::F32(v) => {
+                    tensor_of(&shape, v.get(a..b).ok_or_else(range_err)?).map_err(err)?
                 }
+                Column::F64(v) => {
+                    tensor_of(&shape, v.get(a..b).ok_or_else(range_err)?).map_err(err)?
+                }
+                Column::I64(v) => {
+                    tensor_of(&shape, v.get(a..b).ok_or_else(range_err)?).map_err(err)?
+                }
+                Column::I32(v) => {
+                    tensor_of(&shape, v.get(a..b).ok_or_else(range_err)?).map_err(err)?
+                }
+                Column::Bool(v) => {
+                    tensor_of(&shape, v.get(a..b).ok_or_else(range_err)?).map_err(err)?
+                }
+                Column::Str(v) => tract_ndarray::ArrayD::from_shape_vec(
+                    shape.clone(),
+                    v.get(a..b).ok_or_else(range_err)?.to_vec(),
+                )
+                .map_err(|e| err(e.into()))?
+                .into_tensor(),
                 Column::Map(rows) => {
-                    let row = match &rows[start..start + len] {
+                    let row = match rows.get(start..start + len).ok_or_else(range_err)? {
                         [row] => row,
                         _ => {
                             return Err(EngineError::Input {
@@ -505,41 +524,50 @@ impl<'m> BatchBuilder<'m> {
         for (ix, info) in inputs.iter().enumerate() {
             match obj.get(&info.name) {
                 Some(value) => self.push_json_input(ix, value, line)?,
-                None => match (self.single_input(), model.feature_names()) {
-                    (Some(_), Some(features)) => {
-                        if self.widths[0] != features.len() && info.shape[1].is_some() {
+                None => {
+                    match (self.single_input(), model.feature_names()) {
+                        (Some(_), Some(features)) => {
+                            if self.widths[0] != features.len() && info.shape[1].is_some() {
+                                return Err(InputError::new(
+                                    line,
+                                    Some(&info.name),
+                                    format!(
+                                        "the model has {} feature names for {} features",
+                                        features.len(),
+                                        self.widths[0]
+                                    ),
+                                ));
+                            }
+                            if self.rows > 0 && self.widths[0] != features.len() {
+                                return Err(InputError::new(
+                                line,
+                                Some(&info.name),
+                                format!("earlier rows had {} values, the model has {} feature names", self.widths[0], features.len()),
+                            ));
+                            }
+                            self.widths[0] = features.len();
+                            for f in features {
+                                let v = obj
+                                    .get(f)
+                                    .ok_or_else(|| InputError::new(line, Some(f), "missing"))?;
+                                self.columns[0]
+                                    .push_json(v)
+                                    .map_err(|m| InputError::new(line, Some(f), m))?;
+                            }
+                        }
+                        _ => {
                             return Err(InputError::new(
                                 line,
                                 Some(&info.name),
-                                format!(
-                                    "the model has {} feature names for {} features",
-                                    features.len(),
-                                    self.widths[0]
-                                ),
-                            ));
-                        }
-                        self.widths[0] = features.len();
-                        for f in features {
-                            let v = obj
-                                .get(f)
-                                .ok_or_else(|| InputError::new(line, Some(f), "missing"))?;
-                            self.columns[0]
-                                .push_json(v)
-                                .map_err(|m| InputError::new(line, Some(f), m))?;
+                                if self.single_input().is_some() {
+                                    format!("missing (the model has no feature names; give \"{}\": [{} values])", info.name, self.widths[ix])
+                                } else {
+                                    "missing".to_string()
+                                },
+                            ))
                         }
                     }
-                    _ => {
-                        return Err(InputError::new(
-                            line,
-                            Some(&info.name),
-                            if self.single_input().is_some() {
-                                format!("missing (the model has no feature names; give \"{}\": [{} values])", info.name, self.widths[ix])
-                            } else {
-                                "missing".to_string()
-                            },
-                        ))
-                    }
-                },
+                }
             }
         }
         Ok(())

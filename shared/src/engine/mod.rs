@@ -436,6 +436,20 @@ fn write_json_str(buf: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *buf, s);
 }
 
+/// A finite float in its own shortest form (`shown`), or `null`.
+fn write_float(
+    buf: &mut Vec<u8>,
+    value: f64,
+    shown: &dyn std::fmt::Display,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    if value.is_finite() {
+        write!(buf, "{shown}")
+    } else {
+        buf.write_all(b"null")
+    }
+}
+
 fn write_scalar(buf: &mut Vec<u8>, t: &Tensor, ix: usize) {
     use std::io::Write;
     let Ok(view) = t.try_as_plain_ram() else {
@@ -447,24 +461,12 @@ fn write_scalar(buf: &mut Vec<u8>, t: &Tensor, ix: usize) {
             .as_slice::<f32>()
             .ok()
             .and_then(|s| s.get(ix))
-            .map(|v| {
-                if v.is_finite() {
-                    write!(buf, "{v}")
-                } else {
-                    buf.write_all(b"null")
-                }
-            }),
+            .map(|v| write_float(buf, *v as f64, &v)),
         DatumType::F64 => view
             .as_slice::<f64>()
             .ok()
             .and_then(|s| s.get(ix))
-            .map(|v| {
-                if v.is_finite() {
-                    write!(buf, "{v}")
-                } else {
-                    buf.write_all(b"null")
-                }
-            }),
+            .map(|v| write_float(buf, *v, v)),
         DatumType::I64 => view
             .as_slice::<i64>()
             .ok()
