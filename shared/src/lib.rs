@@ -2,4 +2,8 @@
 //! (tract-onnx plus the project's own `ai.onnx.ml` operators).
 #![forbid(unsafe_code)]
 
+pub mod bundle;
+pub mod drift;
 pub mod engine;
+pub mod metrics;
+pub mod trust;

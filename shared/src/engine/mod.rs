@@ -99,6 +99,7 @@ pub struct Model {
     outputs: Vec<OutputInfo>,
     ops: Vec<String>,
     feature_names: Option<Vec<String>>,
+    class_labels: Option<Labels>,
     /// Whether rows can be stacked into one run (no fixed batch dimension, no map input).
     batchable: bool,
 }
@@ -256,6 +257,7 @@ impl Model {
             outputs,
             ops: info.ops,
             feature_names: info.feature_names,
+            class_labels: info.class_labels,
             batchable,
         })
     }
@@ -276,6 +278,12 @@ impl Model {
     /// Feature names for a single 2-D input, from the model's `feature_names` metadata.
     pub fn feature_names(&self) -> Option<&[String]> {
         self.feature_names.as_deref()
+    }
+
+    /// Class labels of the model's classifier (in probability-column order), when it has a
+    /// TreeEnsembleClassifier, LinearClassifier, SVMClassifier or ZipMap node.
+    pub fn class_labels(&self) -> Option<&Labels> {
+        self.class_labels.as_ref()
     }
 
     /// A builder for batches of this model's inputs.

@@ -143,6 +143,8 @@ pub(crate) struct ProtoInfo {
     /// `domain:op_type` of every node.
     pub ops: Vec<String>,
     pub feature_names: Option<Vec<String>>,
+    /// Class labels of the model's classifier node (probability-column order), if any.
+    pub class_labels: Option<Labels>,
 }
 
 /// Decodes the protobuf, refusing anything that is not an ONNX model with a graph.
@@ -238,12 +240,25 @@ pub(crate) fn inspect(
         .find(|p| p.key == "feature_names")
         .and_then(|p| serde_json::from_str::<Vec<String>>(&p.value).ok());
 
+    let class_labels = graph
+        .node
+        .iter()
+        .filter(|n| {
+            matches!(
+                n.op_type.as_str(),
+                "TreeEnsembleClassifier" | "LinearClassifier" | "SVMClassifier"
+            )
+        })
+        .find_map(|n| zipmap_labels(n).ok())
+        .or_else(|| zipmaps.first().map(|(_, l)| l.clone()));
+
     Ok(ProtoInfo {
         proto,
         map_inputs,
         zipmaps,
         ops,
         feature_names,
+        class_labels,
     })
 }
 
