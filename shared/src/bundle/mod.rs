@@ -24,7 +24,7 @@ pub use manifest::{
     Manifest, Payload, Provenance, ReferenceProfile, Schema, Signoff, TensorSchema,
     MANIFEST_FORMAT,
 };
-pub use verify::{read_unverified, verify, Limits, Staging, Verified};
+pub use verify::{read_unverified, verify, verify_reader, Limits, Staging, Verified};
 pub use write::{write_bundle, BundleFile};
 
 /// Archive member holding the manifest.

@@ -31,6 +31,12 @@ pub fn encode(content: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Length of the stored frame [`encode`] makes for `content_len` bytes.
+pub fn encoded_len(content_len: usize) -> u64 {
+    let blocks = content_len.div_ceil(BLOCK_MAX).max(1);
+    (13 + 3 * blocks + content_len) as u64
+}
+
 /// Reads one canonical stored frame of at most `cap` content bytes from `r`.
 pub fn decode<R: Read>(r: &mut R, cap: u64) -> Result<Vec<u8>, String> {
     let eof = |e: std::io::Error| {
@@ -90,6 +96,7 @@ mod tests {
         for len in [0usize, 1, 511, BLOCK_MAX, BLOCK_MAX + 1, 3 * BLOCK_MAX + 17] {
             let content: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
             let frame = encode(&content);
+            assert_eq!(frame.len() as u64, encoded_len(len));
             assert_eq!(decode(&mut &frame[..], 1 << 30).unwrap(), content);
             assert_eq!(zstd::decode_all(&frame[..]).unwrap(), content);
         }

@@ -184,17 +184,32 @@ pub fn verify(
     staging_parent: Option<&Path>,
     now: OffsetDateTime,
 ) -> Result<Verified, BundleError> {
-    let read_err = |source| BundleError::Read {
+    let file = File::open(path).map_err(|source| BundleError::Read {
         path: path.display().to_string(),
         source,
+    })?;
+    verify_reader(file, &path.display().to_string(), trust, limits, staging_parent, now)
+}
+
+/// [`verify`] over any byte source; `name` names it in errors.
+pub fn verify_reader<R: Read>(
+    source: R,
+    name: &str,
+    trust: &Trust,
+    limits: &Limits,
+    staging_parent: Option<&Path>,
+    now: OffsetDateTime,
+) -> Result<Verified, BundleError> {
+    let read_err = |source| BundleError::Read {
+        path: name.to_string(),
+        source,
     };
-    let file = File::open(path).map_err(read_err)?;
-    let compressed_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut reader = BufReader::with_capacity(CHUNK, file);
+    let mut reader = BufReader::with_capacity(CHUNK, source);
 
     // 1. The manifest frame (canonical stored blocks): manifest.json, then manifest.sig.
     let cap = 2 * BLOCK as u64 + ustar::padded(limits.max_manifest_bytes) + MAX_SIGNATURE_BYTES;
     let head = stored::decode(&mut reader, cap).map_err(BundleError::Archive)?;
+    let head_frame_bytes = stored::encoded_len(head.len());
     let mut at = &head[..];
     let manifest_bytes = read_small(&mut at, 0, MANIFEST_NAME, limits.max_manifest_bytes)?;
     let sig_bytes = read_small(&mut at, 1, SIGNATURE_NAME, MAX_SIGNATURE_BYTES)?;
@@ -382,12 +397,12 @@ pub fn verify(
             })?;
     }
     Ok(Verified {
+        compressed_bytes: head_frame_bytes + manifest.payload.size,
         manifest,
         manifest_bytes,
         signature,
         signer: signer.key_id,
         staging,
-        compressed_bytes,
         archive_bytes,
     })
 }
