@@ -1,2 +1,5 @@
-//! The `fleet-server` library.
+//! The `fleet-server` library: today the `fleetctl` commands (keys, keyrings, bundles);
+//! the server itself comes with the fleet issues.
 #![forbid(unsafe_code)]
+
+pub mod ctl;

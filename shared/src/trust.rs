@@ -32,12 +32,23 @@ const PUBLIC_KIND: &str = "edge-ml-ed25519-public";
 /// Why a key, keyring or signature is not acceptable.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     File { path: String, message: String },
     #[error("invalid key: {0}")]
     Key(String),
-    #[error("unknown key id {key_id} (not the root key and not in keyring version {keyring})")]
-    UnknownKey { key_id: String, keyring: String },
+    #[error("unknown key id {key_id} ({})", match keyring {
+        Some(v) => format!("not in keyring version {v}"),
+        None => "not the root key, and there is no keyring".to_string(),
+    })]
+    UnknownKey {
+        key_id: String,
+        keyring: Option<u64>,
+    },
     #[error("key {key_id} is revoked in keyring version {version}")]
     Revoked { key_id: String, version: u64 },
     #[error("key {key_id} expired at {not_after}")]
@@ -158,20 +169,21 @@ fn decode_public(text: &str) -> Result<PublicKey, TrustError> {
 }
 
 fn read_capped(path: &Path) -> Result<Vec<u8>, TrustError> {
-    let err = |message: String| TrustError::File {
+    let io = |source| TrustError::Io {
         path: path.display().to_string(),
-        message,
+        source,
     };
-    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let file = std::fs::File::open(path).map_err(io)?;
     let mut buf = Vec::new();
     use std::io::Read;
     file.take(MAX_TRUST_FILE_BYTES + 1)
         .read_to_end(&mut buf)
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(io)?;
     if buf.len() as u64 > MAX_TRUST_FILE_BYTES {
-        return Err(err(format!(
-            "larger than the {MAX_TRUST_FILE_BYTES}-byte limit"
-        )));
+        return Err(TrustError::File {
+            path: path.display().to_string(),
+            message: format!("larger than the {MAX_TRUST_FILE_BYTES}-byte limit"),
+        });
     }
     Ok(buf)
 }
@@ -676,7 +688,7 @@ impl Trust {
             }
             return Err(TrustError::UnknownKey {
                 key_id: sig.key_id.clone(),
-                keyring: "(none; only the root key signs)".into(),
+                keyring: None,
             });
         };
         let Some(entry) = ring.keys.iter().find(|k| k.key.id.as_str() == sig.key_id) else {
@@ -687,7 +699,7 @@ impl Trust {
             }
             return Err(TrustError::UnknownKey {
                 key_id: sig.key_id.clone(),
-                keyring: ring.version.to_string(),
+                keyring: Some(ring.version),
             });
         };
         entry.key.verify(message, sig)?;

@@ -46,6 +46,21 @@ pub fn corpus(set: &str, id: &str) -> PathBuf {
     root().join("shared/tests/corpus").join(set).join(id)
 }
 
+/// The predictive-maintenance example (model, reference and holdout data, MLflow model).
+pub fn pdm() -> PathBuf {
+    root().join("deploy/examples/pdm")
+}
+
+/// Whether an external program is on PATH.
+pub fn have(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
+
 /// A fresh scratch directory, removed when dropped.
 pub fn scratch() -> tempfile::TempDir {
     tempfile::Builder::new()

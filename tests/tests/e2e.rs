@@ -1,4 +1,7 @@
-//! End-to-end tests: the real `edge-agent` binary on real files.
+//! End-to-end tests: the real `edge-agent` and `fleetctl` binaries on real files.
+
+#[path = "e2e/fleetctl.rs"]
+mod fleetctl;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -25,7 +25,7 @@ pub use manifest::{
     MANIFEST_FORMAT,
 };
 pub use verify::{read_unverified, verify, verify_reader, Limits, Staging, Verified};
-pub use write::{write_bundle, BundleFile};
+pub use write::{assemble, write_bundle, BundleFile};
 
 /// Archive member holding the manifest.
 pub const MANIFEST_NAME: &str = "manifest.json";

@@ -188,7 +188,14 @@ pub fn verify(
         path: path.display().to_string(),
         source,
     })?;
-    verify_reader(file, &path.display().to_string(), trust, limits, staging_parent, now)
+    verify_reader(
+        file,
+        &path.display().to_string(),
+        trust,
+        limits,
+        staging_parent,
+        now,
+    )
 }
 
 /// [`verify`] over any byte source; `name` names it in errors.

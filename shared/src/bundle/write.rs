@@ -153,27 +153,13 @@ pub fn write_bundle(
     };
 
     // 2. The signed manifest, in the canonical stored frame, then the payload.
-    manifest.validate().map_err(BundleError::Manifest)?;
-    let manifest_bytes = manifest.to_bytes().map_err(BundleError::Manifest)?;
-    let mut sig_bytes = serde_json::to_vec_pretty(&key.sign(&manifest_bytes))
-        .map_err(|e| BundleError::Manifest(e.to_string()))?;
-    sig_bytes.push(b'\n');
-    let mut head = Vec::with_capacity(manifest_bytes.len() + sig_bytes.len() + 4 * BLOCK);
-    for (name, bytes) in [
-        (MANIFEST_NAME, &manifest_bytes),
-        (SIGNATURE_NAME, &sig_bytes),
-    ] {
-        let h = ustar::header(name, bytes.len() as u64, mtime).map_err(BundleError::Manifest)?;
-        head.extend_from_slice(&h);
-        head.extend_from_slice(bytes);
-        head.resize(ustar::padded(head.len() as u64) as usize, 0);
-    }
+    let head = signed_head(manifest, key, mtime)?;
     let tmp = tempfile::Builder::new()
         .prefix(".bundle-")
         .tempfile_in(dir)
         .map_err(write_err)?;
     let mut w = BufWriter::with_capacity(CHUNK, tmp.as_file());
-    w.write_all(&stored::encode(&head)).map_err(write_err)?;
+    w.write_all(&head).map_err(write_err)?;
     let mut body_file = body.as_file();
     body_file.seek(SeekFrom::Start(0)).map_err(write_err)?;
     let copied = std::io::copy(&mut body_file, &mut w).map_err(write_err)?;
@@ -200,4 +186,43 @@ pub fn write_bundle(
     }
     tmp.persist(out).map_err(|e| write_err(e.error))?;
     Ok(size)
+}
+
+/// Assembles bundle bytes around an already compressed payload (one zstd frame holding the
+/// file entries and the end of the archive): sets `manifest.payload`, signs, and returns the
+/// manifest frame followed by `payload`. For tools and tests that build payloads themselves;
+/// [`write_bundle`] is the normal way.
+pub fn assemble(
+    manifest: &mut Manifest,
+    payload: &[u8],
+    key: &SecretKey,
+) -> Result<Vec<u8>, BundleError> {
+    manifest.payload = Payload {
+        size: payload.len() as u64,
+        sha256: hex(&Sha256::digest(payload)),
+    };
+    let mut out = signed_head(manifest, key, 0)?;
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+/// The manifest frame: `manifest.json` and its signature as ustar entries, in the
+/// canonical stored zstd frame.
+fn signed_head(manifest: &Manifest, key: &SecretKey, mtime: u64) -> Result<Vec<u8>, BundleError> {
+    manifest.validate().map_err(BundleError::Manifest)?;
+    let manifest_bytes = manifest.to_bytes().map_err(BundleError::Manifest)?;
+    let mut sig_bytes = serde_json::to_vec_pretty(&key.sign(&manifest_bytes))
+        .map_err(|e| BundleError::Manifest(e.to_string()))?;
+    sig_bytes.push(b'\n');
+    let mut head = Vec::with_capacity(manifest_bytes.len() + sig_bytes.len() + 4 * BLOCK);
+    for (name, bytes) in [
+        (MANIFEST_NAME, &manifest_bytes),
+        (SIGNATURE_NAME, &sig_bytes),
+    ] {
+        let h = ustar::header(name, bytes.len() as u64, mtime).map_err(BundleError::Manifest)?;
+        head.extend_from_slice(&h);
+        head.extend_from_slice(bytes);
+        head.resize(ustar::padded(head.len() as u64) as usize, 0);
+    }
+    Ok(stored::encode(&head))
 }
