@@ -860,3 +860,183 @@ fn archives_made_with_gnu_tar_are_rejected() {
     assert_eq!(outside, ["f"]);
     let _ = std::fs::remove_file("/tmp/edge-e2e-abs");
 }
+
+/// Writes `input.csv` of a corpus model plus extra columns computed per row from its
+/// expected output.
+fn with_columns(
+    model: &str,
+    out: &Path,
+    header: &str,
+    cell: impl Fn(usize, &Value) -> String,
+) -> PathBuf {
+    let dir = e2e_tests::corpus("dev", model);
+    let input = std::fs::read_to_string(dir.join("input.csv")).unwrap();
+    let expected: Vec<Value> = std::fs::read_to_string(dir.join("expected.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut text = String::new();
+    for (i, line) in input.lines().enumerate() {
+        if i == 0 {
+            text.push_str(&format!("{line},{header}\n"));
+        } else {
+            text.push_str(&format!("{line},{}\n", cell(i - 1, &expected[i - 1])));
+        }
+    }
+    std::fs::write(out, text).unwrap();
+    dir.join("model.onnx")
+}
+
+#[test]
+fn build_regression_multi_input_and_multiclass_models() {
+    let tmp = scratch();
+    let d = tmp.path();
+    ok(d, &["keygen", "--out", "root"]);
+    // regression: target = prediction + 0.5 on every other row -> mae 0.25, mse 0.125
+    let model = with_columns("gb_reg", &d.join("reg.csv"), "target", |i, e| {
+        let p = e["variable"].as_f64().unwrap();
+        format!("{}", if i % 2 == 0 { p + 0.5 } else { p })
+    });
+    let out = ok(
+        d,
+        &[
+            "--json",
+            "bundle",
+            "build",
+            "--model",
+            model.to_str().unwrap(),
+            "--name",
+            "reg",
+            "--version",
+            "1",
+            "--release",
+            "1",
+            "--key",
+            "root.key",
+            "--holdout",
+            "reg.csv",
+            "--label-column",
+            "target",
+            "--require",
+            "mae<=0.26",
+            "--require",
+            "r2>0",
+            "--out",
+            "reg.bundle",
+        ],
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let m = &v["signoff"]["metrics"];
+    assert_eq!(v["signoff"]["task"], "regression");
+    assert!((m["mae"].as_f64().unwrap() - 0.25).abs() < 1e-6, "{m}");
+    assert!((m["mse"].as_f64().unwrap() - 0.125).abs() < 1e-6, "{m}");
+    ok(
+        d,
+        &[
+            "bundle",
+            "verify",
+            "--root",
+            "root.pub",
+            "--golden",
+            "reg.bundle",
+        ],
+    );
+
+    // several inputs (string and numeric columns, missing values): labels = the model's own
+    let model = with_columns(
+        "df_columntransformer_logreg",
+        &d.join("multi.csv"),
+        "truth",
+        |_, e| e["output_label"].to_string(),
+    );
+    let out = ok(
+        d,
+        &[
+            "--json",
+            "bundle",
+            "build",
+            "--model",
+            model.to_str().unwrap(),
+            "--name",
+            "multi",
+            "--version",
+            "1",
+            "--release",
+            "1",
+            "--key",
+            "root.key",
+            "--holdout",
+            "multi.csv",
+            "--label-column",
+            "truth",
+            "--require",
+            "accuracy>=1",
+            "--out",
+            "multi.bundle",
+        ],
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["signoff"]["metrics"]["accuracy"], 1.0);
+    ok(
+        d,
+        &[
+            "bundle",
+            "verify",
+            "--root",
+            "root.pub",
+            "--golden",
+            "multi.bundle",
+        ],
+    );
+    let m: Value = serde_json::from_str(&ok(d, &["bundle", "inspect", "multi.bundle"])).unwrap();
+    let names: Vec<&str> = m["schema"]["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["color", "size", "weight", "count"]);
+
+    // three classes with groups: fairness needs a positive class
+    let model = with_columns("gb_clf_multi_bench", &d.join("mc.csv"), "y,g", |i, e| {
+        format!(
+            "{},{}",
+            e["output_label"],
+            if i % 3 == 0 { "x" } else { "y" }
+        )
+    });
+    let base = [
+        "bundle",
+        "build",
+        "--model",
+        model.to_str().unwrap(),
+        "--name",
+        "mc",
+        "--version",
+        "1",
+        "--release",
+        "1",
+        "--key",
+        "root.key",
+        "--holdout",
+        "mc.csv",
+        "--label-column",
+        "y",
+        "--group-column",
+        "g",
+        "--out",
+        "mc.bundle",
+    ];
+    fails(d, &base, 64, "need --positive-label");
+    let mut args = base.to_vec();
+    args.extend(["--positive-label", "2", "--json"]);
+    let v: Value = serde_json::from_str(&ok(d, &args)).unwrap();
+    let metrics = &v["signoff"]["metrics"];
+    assert_eq!(metrics["accuracy"], 1.0);
+    assert!(
+        metrics["statistical_parity_difference"].is_number(),
+        "{metrics}"
+    );
+    assert_eq!(v["signoff"]["positive_label"], "2");
+}
