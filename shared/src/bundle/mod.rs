@@ -15,6 +15,7 @@
 pub mod golden;
 pub mod manifest;
 mod stored;
+pub mod testing;
 mod ustar;
 pub mod verify;
 pub mod write;

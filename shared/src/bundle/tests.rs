@@ -28,50 +28,7 @@ fn sha(bytes: &[u8]) -> String {
 }
 
 fn manifest_for(name: &str, files: &[(&str, &[u8])]) -> Manifest {
-    Manifest {
-        format: MANIFEST_FORMAT,
-        name: name.into(),
-        version: "1.0.0".into(),
-        release: 3,
-        created: "2026-11-26T10:00:00Z".into(),
-        allow_downgrade: false,
-        model: "model.onnx".into(),
-        payload: Payload {
-            size: 0,
-            sha256: "0".repeat(64),
-        },
-        files: files
-            .iter()
-            .map(|(p, b)| FileEntry {
-                path: p.to_string(),
-                size: b.len() as u64,
-                sha256: sha(b),
-            })
-            .collect(),
-        schema: Schema {
-            inputs: vec![],
-            outputs: vec![],
-            features: vec![],
-        },
-        reference: None,
-        golden: Golden {
-            rtol: 1e-4,
-            atol: 1e-5,
-            samples: vec![],
-        },
-        signoff: None,
-        provenance: Provenance {
-            git_commit: None,
-            run_id: None,
-            source: "test".into(),
-            data: vec![],
-            builder: "test".into(),
-        },
-        compatibility: Compatibility {
-            operators: vec![],
-            min_agent_version: "0.1.0".into(),
-        },
-    }
+    super::testing::manifest(name, files)
 }
 
 #[derive(Clone)]
