@@ -26,8 +26,61 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Where the state directory is: `--state-dir`, or the config file's `state_dir`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StateArgs {
+    /// The agent's state directory.
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    pub state_dir: Option<PathBuf>,
+    /// The agent's config file (for its state_dir, trust_root and keyring).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The root public key (overrides the config's trust_root).
+    #[arg(long, value_name = "FILE.pub")]
+    pub trust_root: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Verify, validate on this device and activate a signed bundle.
+    Install {
+        #[arg(value_name = "FILE.bundle")]
+        bundle: PathBuf,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Print the default configuration (TOML).
+    PrintDefaultConfig,
+    /// Check a configuration file; prints every problem and exits 64 when invalid.
+    ValidateConfig {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Install bundles.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Show every model's active and previous version, phase and last rollback.
+    Status {
+        #[command(flatten)]
+        state: StateArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-activate a model's previous version.
+    Rollback {
+        #[arg(value_name = "MODEL")]
+        model: String,
+        /// Why (recorded in the state and events).
+        #[arg(long, default_value = "operator request")]
+        reason: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Batch-score a CSV or JSON-lines file with an ONNX model; writes JSON lines.
     Predict {
         /// The ONNX model file.
@@ -58,6 +111,33 @@ pub enum FormatArg {
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> i32 {
     match cli.command {
+        Command::PrintDefaultConfig => {
+            print!("{}", crate::config::Config::default_toml());
+            0
+        }
+        Command::ValidateConfig { file } => {
+            match crate::config::Config::load(&file).and_then(|c| c.validate()) {
+                Ok(()) => {
+                    println!("{}: OK", file.display());
+                    0
+                }
+                Err(e) => {
+                    for p in &e.problems {
+                        eprintln!("edge-agent: config: {p}");
+                    }
+                    EXIT_USAGE
+                }
+            }
+        }
+        Command::Bundle(BundleCommand::Install { bundle, state }) => {
+            crate::admin::install(&bundle, &state)
+        }
+        Command::Status { state, json } => crate::admin::status(&state, json),
+        Command::Rollback {
+            model,
+            reason,
+            state,
+        } => crate::admin::rollback(&model, &reason, &state),
         Command::Predict {
             model,
             input,

@@ -1,5 +1,8 @@
 //! The `edge-agent` library: everything the binary does, callable from tests.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
+pub mod config;
 pub mod predict;
+pub mod store;

@@ -2,6 +2,8 @@
 
 #[path = "e2e/fleetctl.rs"]
 mod fleetctl;
+#[path = "e2e/install.rs"]
+mod install;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -1,0 +1,704 @@
+//! The model store: the state directory and the install pipeline (verify, compatibility,
+//! load, golden samples, on-device latency, atomic activation) and rollback.
+//!
+//! Guarantees:
+//! - each model name has at most one active version, named by `models/<name>/state.json`,
+//!   which is only ever replaced atomically (temporary file, fsync, rename, directory fsync);
+//! - a version directory is complete (verified, fsynced) before `state.json` names it;
+//! - a crash at any point leaves the previous `state.json`, hence the previous active
+//!   version; [`Store::open`] removes staging leftovers and version directories no state
+//!   names;
+//! - one process changes a store at a time (an exclusive lock on `<state>/lock`).
+//!
+//! Layout: `lock`, `staging/` (verifier staging), `inbox/`, `events.jsonl` (bounded),
+//! `trust-state.json` (highest keyring version seen), `models/<name>/state.json`,
+//! `models/<name>/<release>-<sha12>/` (`manifest.json`, `manifest.sig`, the bundle's files).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use shared::bundle::{self, golden, Limits, Manifest};
+use shared::engine::Model;
+use shared::trust::{format_time, write_atomic, KeyringFile, PublicKey, Trust};
+use time::OffsetDateTime;
+
+/// Largest events file before it is rotated (bytes).
+const MAX_EVENTS_BYTES: u64 = 4 * 1024 * 1024;
+const STATE_FORMAT: u32 = 1;
+
+/// Why an install, rollback or store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    #[error("the state directory {0} is in use by another edge-agent process")]
+    Locked(String),
+    #[error("trust: {0}")]
+    Trust(String),
+    #[error("rejected: {0}")]
+    Rejected(String),
+    #[error("incompatible: {0}")]
+    Incompatible(String),
+    #[error("golden samples failed on this device: {0}")]
+    Golden(String),
+    #[error("model {0:?} is not installed")]
+    UnknownModel(String),
+    #[error("model {0:?} has no previous version to roll back to")]
+    NoPrevious(String),
+    #[error("{path}: corrupt state: {message}")]
+    Corrupt { path: String, message: String },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |e| StoreError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// One installed version (wire type inside `state.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionRecord {
+    /// Directory name under `models/<name>/`.
+    pub dir: String,
+    pub release: u64,
+    pub version: String,
+    /// sha256 of the model file.
+    pub model_sha256: String,
+    pub installed_at: String,
+    pub signer: String,
+    /// Single-row latency measured on this device at install (microseconds).
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+    /// Resident memory added by loading the model (KiB), when measurable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_kib: Option<u64>,
+}
+
+/// A rollback that happened (wire type inside `state.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRecord {
+    pub at: String,
+    pub from_release: u64,
+    pub to_release: u64,
+    pub reason: String,
+}
+
+/// Where a model stands (wire type: `models/<name>/state.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelState {
+    pub format: u32,
+    pub name: String,
+    pub active: VersionRecord,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<VersionRecord>,
+    /// `health_window` after an activation, `committed` once healthy (or after a rollback).
+    pub phase: String,
+    pub activated_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rollback: Option<RollbackRecord>,
+}
+
+/// What an install did.
+#[derive(Debug, Clone)]
+pub struct InstallReport {
+    pub name: String,
+    pub release: u64,
+    pub version: String,
+    pub golden_checked: usize,
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+    /// The release that was active before, if any.
+    pub replaced: Option<u64>,
+}
+
+/// A step of the install pipeline, recorded as an event (and a fault-injection point for
+/// the crash tests: `EDGE_AGENT_FAULT=<step>` kills the process with SIGKILL there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Verified,
+    Compatible,
+    Loaded,
+    Golden,
+    Measured,
+    Moved,
+    Activated,
+}
+
+impl Step {
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Verified => "verified",
+            Step::Compatible => "compatible",
+            Step::Loaded => "loaded",
+            Step::Golden => "golden",
+            Step::Measured => "measured",
+            Step::Moved => "moved",
+            Step::Activated => "activated",
+        }
+    }
+}
+
+fn fault_point(step: Step) {
+    if std::env::var("EDGE_AGENT_FAULT").is_ok_and(|v| v == step.name()) {
+        let pid = std::process::id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid])
+            .status();
+        // not reached when kill succeeded
+        std::process::abort();
+    }
+}
+
+/// The state directory, opened and locked.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    trust: Trust,
+    limits: Limits,
+    latency_runs: u32,
+    _lock: File,
+}
+
+/// Opening parameters.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub root: PathBuf,
+    pub trust_root: PathBuf,
+    pub keyring: Option<PathBuf>,
+    pub max_bundle_bytes: u64,
+    pub latency_runs: u32,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrustState {
+    keyring_version_seen: u64,
+}
+
+fn make_private_dir(path: &Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(path).map_err(io(path))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io(path))?;
+    }
+    Ok(())
+}
+
+fn sync_dir(path: &Path) -> Result<(), StoreError> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io(path))
+}
+
+fn now() -> String {
+    format_time(OffsetDateTime::now_utc())
+}
+
+fn version_tuple(v: &str) -> Option<(u64, u64, u64)> {
+    let core = v.split(['-', '+']).next()?;
+    let mut it = core.split('.').map(|p| p.parse::<u64>().ok());
+    Some((
+        it.next()??,
+        it.next().flatten().unwrap_or(0),
+        it.next().flatten().unwrap_or(0),
+    ))
+}
+
+/// Current resident set size of this process (KiB), on Linux.
+pub fn rss_kib() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4)
+}
+
+impl Store {
+    /// Opens (creating) the state directory, takes its lock, loads trust (recording a newer
+    /// keyring version, refusing an older one), removes staging leftovers and version
+    /// directories no state names.
+    pub fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        let root = cfg.root.clone();
+        make_private_dir(&root)?;
+        let lock_path = root.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked(root.display().to_string()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+        }
+        for d in ["staging", "inbox", "models"] {
+            make_private_dir(&root.join(d))?;
+        }
+        let root_key =
+            PublicKey::load(&cfg.trust_root).map_err(|e| StoreError::Trust(e.to_string()))?;
+        let trust_state_path = root.join("trust-state.json");
+        let mut ts: TrustState = match std::fs::read(&trust_state_path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
+                path: trust_state_path.display().to_string(),
+                message: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => TrustState::default(),
+            Err(e) => return Err(io(&trust_state_path)(e)),
+        };
+        let trust = match &cfg.keyring {
+            Some(k) => {
+                let file = KeyringFile::load(k).map_err(|e| StoreError::Trust(e.to_string()))?;
+                let t = Trust::with_keyring(root_key, &file, ts.keyring_version_seen)
+                    .map_err(|e| StoreError::Trust(format!("{}: {e}", k.display())))?;
+                let v = t.keyring.as_ref().map_or(0, |r| r.version);
+                if v > ts.keyring_version_seen {
+                    ts.keyring_version_seen = v;
+                    let bytes = serde_json::to_vec(&ts).unwrap_or_default();
+                    write_atomic(&trust_state_path, &bytes, false)
+                        .map_err(io(&trust_state_path))?;
+                }
+                t
+            }
+            None => Trust::root_only(root_key),
+        };
+        let store = Store {
+            root,
+            trust,
+            limits: Limits {
+                max_total_bytes: cfg.max_bundle_bytes,
+                ..Limits::default()
+            },
+            latency_runs: cfg.latency_runs.max(1),
+            _lock: lock,
+        };
+        store.recover()?;
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Removes what an interrupted install left: staging directories, temporary files, and
+    /// version directories that no `state.json` names.
+    fn recover(&self) -> Result<(), StoreError> {
+        let staging = self.root.join("staging");
+        for e in std::fs::read_dir(&staging).map_err(io(&staging))? {
+            let p = e.map_err(io(&staging))?.path();
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+        let models = self.root.join("models");
+        for e in std::fs::read_dir(&models).map_err(io(&models))? {
+            let dir = e.map_err(io(&models))?.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            let state = read_state(&dir.join("state.json"))?;
+            let keep: Vec<String> = state
+                .iter()
+                .flat_map(|s| {
+                    std::iter::once(s.active.dir.clone())
+                        .chain(s.previous.as_ref().map(|p| p.dir.clone()))
+                })
+                .collect();
+            for v in std::fs::read_dir(&dir).map_err(io(&dir))? {
+                let v = v.map_err(io(&dir))?;
+                let name = v.file_name().to_string_lossy().into_owned();
+                let p = v.path();
+                if p.is_dir() && !keep.contains(&name) {
+                    std::fs::remove_dir_all(&p).map_err(io(&p))?;
+                } else if name.starts_with(".tmp-") {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+            if state.is_none()
+                && std::fs::read_dir(&dir)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false)
+            {
+                let _ = std::fs::remove_dir(&dir);
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends an event to `events.jsonl` (rotated to `events.1.jsonl` beyond 4 MiB).
+    pub fn event(&self, model: &str, event: &str, detail: serde_json::Value) {
+        let path = self.root.join("events.jsonl");
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() > MAX_EVENTS_BYTES) {
+            let _ = std::fs::rename(&path, self.root.join("events.1.jsonl"));
+        }
+        let line =
+            serde_json::json!({"at": now(), "model": model, "event": event, "detail": detail});
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+
+    /// Every model's state, by name.
+    pub fn status(&self) -> Result<Vec<ModelState>, StoreError> {
+        status_of(&self.root)
+    }
+
+    fn model_dir(&self, name: &str) -> PathBuf {
+        self.root.join("models").join(name)
+    }
+
+    /// Runs the install pipeline on `bundle`; `source` names where it came from (a path,
+    /// `inbox`, `fleet`). On any failure nothing changes but the event log.
+    pub fn install(&self, bundle_path: &Path, source: &str) -> Result<InstallReport, StoreError> {
+        let result = self.install_inner(bundle_path, source);
+        if let Err(e) = &result {
+            self.event("", "install_rejected", serde_json::json!({"bundle": bundle_path.display().to_string(), "source": source, "reason": e.to_string()}));
+        }
+        result
+    }
+
+    fn install_inner(&self, bundle_path: &Path, source: &str) -> Result<InstallReport, StoreError> {
+        let staging_parent = self.root.join("staging");
+        let verified = bundle::verify(
+            bundle_path,
+            &self.trust,
+            &self.limits,
+            Some(&staging_parent),
+            OffsetDateTime::now_utc(),
+        )
+        .map_err(|e| match e {
+            bundle::BundleError::Read { path, source } => StoreError::Io {
+                path,
+                message: source.to_string(),
+            },
+            other => StoreError::Rejected(other.to_string()),
+        })?;
+        let m = verified.manifest.clone();
+        let Some(staging) = verified.staging else {
+            return Err(StoreError::Rejected("verification kept no files".into()));
+        };
+        self.event(&m.name, "verified", serde_json::json!({"release": m.release, "signer": verified.signer.to_string(), "source": source}));
+        fault_point(Step::Verified);
+
+        // Compatibility: agent version, release order.
+        let ours = env!("CARGO_PKG_VERSION");
+        match (
+            version_tuple(&m.compatibility.min_agent_version),
+            version_tuple(ours),
+        ) {
+            (Some(need), Some(have)) if need <= have => {}
+            _ => {
+                return Err(StoreError::Incompatible(format!(
+                    "the bundle needs edge-agent {} or newer, this is {ours}",
+                    m.compatibility.min_agent_version
+                )))
+            }
+        }
+        let current = read_state(&self.model_dir(&m.name).join("state.json"))?;
+        if let Some(cur) = &current {
+            if cur.active.release == m.release && cur.active.model_sha256 == sha_of(&m) {
+                return Err(StoreError::Rejected(format!(
+                    "{} release {} is already active",
+                    m.name, m.release
+                )));
+            }
+            if m.release <= cur.active.release && !m.allow_downgrade {
+                return Err(StoreError::Rejected(format!(
+                    "release {} of {:?} is not higher than the active release {} (build a higher release, or a signed rollback bundle with --allow-downgrade)",
+                    m.release, m.name, cur.active.release
+                )));
+            }
+        }
+        self.event(
+            &m.name,
+            "compatible",
+            serde_json::json!({"release": m.release}),
+        );
+        fault_point(Step::Compatible);
+
+        // Keep the signed manifest beside the files, so the version directory is complete.
+        for (name, bytes) in [
+            (bundle::MANIFEST_NAME, verified.manifest_bytes.clone()),
+            (
+                bundle::SIGNATURE_NAME,
+                serde_json::to_vec_pretty(&verified.signature).unwrap_or_default(),
+            ),
+        ] {
+            let p = staging.path().join(name);
+            let mut f = File::create(&p).map_err(io(&p))?;
+            f.write_all(&bytes)
+                .and_then(|()| f.sync_all())
+                .map_err(io(&p))?;
+        }
+
+        // Load and validate on this hardware.
+        let rss_before = rss_kib();
+        let model = Model::load(&staging.file(&m.model))
+            .map_err(|e| StoreError::Incompatible(format!("model: {e}")))?;
+        let memory_kib = rss_before.zip(rss_kib()).map(|(a, b)| b.saturating_sub(a));
+        self.event(
+            &m.name,
+            "loaded",
+            serde_json::json!({"release": m.release, "memory_kib": memory_kib}),
+        );
+        fault_point(Step::Loaded);
+        let checked = golden::check(&model, &m.golden).map_err(StoreError::Golden)?;
+        self.event(
+            &m.name,
+            "golden_passed",
+            serde_json::json!({"release": m.release, "samples": checked}),
+        );
+        fault_point(Step::Golden);
+        let (p50, p99) = measure_latency(&model, &m, self.latency_runs)?;
+        self.event(
+            &m.name,
+            "measured",
+            serde_json::json!({"release": m.release, "latency_p50_us": p50, "latency_p99_us": p99}),
+        );
+        fault_point(Step::Measured);
+
+        // Move the complete version into place, then switch the state atomically.
+        let dir_name = format!("{}-{}", m.release, &sha_of(&m)[..12]);
+        let model_dir = self.model_dir(&m.name);
+        make_private_dir(&model_dir)?;
+        let target = model_dir.join(&dir_name);
+        if target.exists() {
+            // the same release and content installed earlier (e.g. the previous version)
+            std::fs::remove_dir_all(&target).map_err(io(&target))?;
+        }
+        let staged = staging.keep();
+        std::fs::rename(&staged, &target).map_err(io(&target))?;
+        sync_dir(&model_dir)?;
+        fault_point(Step::Moved);
+
+        let record = VersionRecord {
+            dir: dir_name,
+            release: m.release,
+            version: m.version.clone(),
+            model_sha256: sha_of(&m),
+            installed_at: now(),
+            signer: verified.signer.to_string(),
+            latency_p50_us: p50,
+            latency_p99_us: p99,
+            memory_kib,
+        };
+        let replaced = current.as_ref().map(|c| c.active.release);
+        let state = ModelState {
+            format: STATE_FORMAT,
+            name: m.name.clone(),
+            active: record,
+            previous: current.map(|c| c.active),
+            phase: "health_window".into(),
+            activated_at: now(),
+            last_rollback: None,
+        };
+        self.write_state(&state)?;
+        self.event(
+            &m.name,
+            "activated",
+            serde_json::json!({"release": m.release, "replaced": replaced}),
+        );
+        fault_point(Step::Activated);
+        self.gc(&state)?;
+        Ok(InstallReport {
+            name: m.name,
+            release: m.release,
+            version: m.version,
+            golden_checked: checked,
+            latency_p50_us: p50,
+            latency_p99_us: p99,
+            replaced,
+        })
+    }
+
+    fn write_state(&self, state: &ModelState) -> Result<(), StoreError> {
+        let dir = self.model_dir(&state.name);
+        let path = dir.join("state.json");
+        let mut bytes = serde_json::to_vec_pretty(state).unwrap_or_default();
+        bytes.push(b'\n');
+        write_atomic(&path, &bytes, false).map_err(io(&path))?;
+        sync_dir(&dir)
+    }
+
+    /// Removes version directories that are neither active nor previous.
+    fn gc(&self, state: &ModelState) -> Result<(), StoreError> {
+        let dir = self.model_dir(&state.name);
+        for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let e = e.map_err(io(&dir))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let keep =
+                name == state.active.dir || state.previous.as_ref().is_some_and(|p| p.dir == name);
+            if e.path().is_dir() && !keep {
+                std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the previous version active again (it stays on disk, so this is instant); the
+    /// version rolled back from becomes the previous one. `reason` is recorded.
+    pub fn rollback(&self, name: &str, reason: &str) -> Result<ModelState, StoreError> {
+        let path = self.model_dir(name).join("state.json");
+        let Some(cur) = read_state(&path)? else {
+            return Err(StoreError::UnknownModel(name.to_string()));
+        };
+        let Some(prev) = cur.previous.clone() else {
+            return Err(StoreError::NoPrevious(name.to_string()));
+        };
+        let state = ModelState {
+            format: STATE_FORMAT,
+            name: name.to_string(),
+            last_rollback: Some(RollbackRecord {
+                at: now(),
+                from_release: cur.active.release,
+                to_release: prev.release,
+                reason: reason.to_string(),
+            }),
+            active: prev,
+            previous: Some(cur.active),
+            phase: "committed".into(),
+            activated_at: now(),
+        };
+        self.write_state(&state)?;
+        self.event(name, "rolled_back", serde_json::json!({"from": state.previous.as_ref().map(|p| p.release), "to": state.active.release, "reason": reason}));
+        Ok(state)
+    }
+
+    /// Marks the active version healthy after its window.
+    pub fn commit(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.model_dir(name).join("state.json");
+        let Some(mut cur) = read_state(&path)? else {
+            return Err(StoreError::UnknownModel(name.to_string()));
+        };
+        cur.phase = "committed".into();
+        self.write_state(&cur)?;
+        self.event(
+            name,
+            "committed",
+            serde_json::json!({"release": cur.active.release}),
+        );
+        Ok(())
+    }
+
+    /// Loads the active version of `name`, checking the model file against its record.
+    pub fn load_active(&self, name: &str) -> Result<(Manifest, Model), StoreError> {
+        let dir = self.model_dir(name);
+        let Some(state) = read_state(&dir.join("state.json"))? else {
+            return Err(StoreError::UnknownModel(name.to_string()));
+        };
+        let vdir = dir.join(&state.active.dir);
+        let mpath = vdir.join(bundle::MANIFEST_NAME);
+        let bytes = std::fs::read(&mpath).map_err(io(&mpath))?;
+        let manifest = Manifest::parse(&bytes).map_err(|e| StoreError::Corrupt {
+            path: mpath.display().to_string(),
+            message: e,
+        })?;
+        let model_path = vdir.join(&manifest.model);
+        let (sha, _) = bundle::write::hash_file(&model_path).map_err(|e| StoreError::Corrupt {
+            path: model_path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        if sha != state.active.model_sha256 {
+            return Err(StoreError::Corrupt {
+                path: model_path.display().to_string(),
+                message: format!(
+                    "sha256 is {sha}, installed as {}",
+                    state.active.model_sha256
+                ),
+            });
+        }
+        let model = Model::load(&model_path).map_err(|e| StoreError::Corrupt {
+            path: model_path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok((manifest, model))
+    }
+}
+
+fn sha_of(m: &Manifest) -> String {
+    m.files
+        .iter()
+        .find(|f| f.path == m.model)
+        .map(|f| f.sha256.clone())
+        .unwrap_or_default()
+}
+
+fn read_state(path: &Path) -> Result<Option<ModelState>, StoreError> {
+    match std::fs::read(path) {
+        Ok(b) => {
+            let s: ModelState = serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            Ok(Some(s))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+/// Every model's state under `root`, without taking the lock (for `status` while the service
+/// runs): `state.json` files are replaced atomically, so each read is consistent.
+pub fn status_of(root: &Path) -> Result<Vec<ModelState>, StoreError> {
+    let models = root.join("models");
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(&models) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io(&models)(e)),
+    };
+    for e in entries {
+        let p = e.map_err(io(&models))?.path();
+        if let Some(s) = read_state(&p.join("state.json"))? {
+            out.push(s);
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// p50 and p99 single-row latency (microseconds) over the golden samples.
+fn measure_latency(model: &Model, m: &Manifest, runs: u32) -> Result<(u64, u64), StoreError> {
+    if m.golden.samples.is_empty() {
+        return Ok((0, 0));
+    }
+    let mut batches = Vec::with_capacity(m.golden.samples.len());
+    for s in &m.golden.samples {
+        let mut b = model.batch_builder();
+        b.push_json(&s.input, 1)
+            .map_err(|e| StoreError::Golden(e.to_string()))?;
+        batches.push(b.take());
+    }
+    let mut times = Vec::with_capacity(runs as usize);
+    for i in 0..runs as usize {
+        let batch = &batches[i % batches.len()];
+        let t = Instant::now();
+        model
+            .run(batch)
+            .map_err(|e| StoreError::Golden(e.to_string()))?;
+        times.push(t.elapsed().as_micros() as u64);
+    }
+    times.sort_unstable();
+    let pct = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    Ok((pct(0.5), pct(0.99)))
+}
+
+/// sha256 hex of a byte slice.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    shared::trust::hex(&sha2::Sha256::digest(bytes))
+}
