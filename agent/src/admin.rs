@@ -54,6 +54,132 @@ fn exit_code(e: &StoreError) -> i32 {
     }
 }
 
+/// `edge-agent run`: config (exit 64 on any problem), logging, runtime, signals.
+pub fn run_service(config_path: Option<&Path>, overrides: &crate::config::Overrides) -> i32 {
+    let mut cfg = match config_path {
+        Some(p) => match Config::load(p) {
+            Ok(c) => c,
+            Err(e) => {
+                for p in &e.problems {
+                    eprintln!("edge-agent: config: {p}");
+                }
+                return EXIT_USAGE;
+            }
+        },
+        None => Config::default(),
+    };
+    cfg.apply(overrides);
+    if let Err(e) = cfg.validate() {
+        for p in &e.problems {
+            eprintln!("edge-agent: config: {p}");
+        }
+        return EXIT_USAGE;
+    }
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDGE_AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edge-agent: cannot start the runtime: {e}");
+            return EXIT_IO;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(&cfg.http.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("edge-agent: cannot listen on {}: {e}", cfg.http.listen);
+                return EXIT_USAGE;
+            }
+        };
+        match crate::service::run(cfg, listener, shutdown_signal()).await {
+            Ok(()) => 0,
+            Err(crate::service::ServiceError::Store(e)) => {
+                eprintln!("edge-agent: {e}");
+                exit_code(&e)
+            }
+            Err(e) => {
+                eprintln!("edge-agent: {e}");
+                EXIT_IO
+            }
+        }
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Hands `bundle` to a running agent over `<state>/agent.sock`; `None` when no agent
+/// listens there.
+#[cfg(unix)]
+fn install_via_socket(state_dir: &Path, bundle: &Path) -> Option<i32> {
+    use std::io::{BufRead, BufReader, Write};
+    let sock = state_dir.join("agent.sock");
+    let mut stream = std::os::unix::net::UnixStream::connect(&sock).ok()?;
+    let path = std::fs::canonicalize(bundle).unwrap_or_else(|_| bundle.to_path_buf());
+    let req = serde_json::json!({"op": "install", "path": path});
+    if writeln!(stream, "{req}").is_err() {
+        return None;
+    }
+    let mut line = String::new();
+    let _ = BufReader::new(std::io::Read::take(&stream, 64 * 1024)).read_line(&mut line);
+    let resp: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+    if resp["ok"] == true {
+        println!(
+            "{} (by the running agent)",
+            resp["message"].as_str().unwrap_or("installed")
+        );
+        Some(0)
+    } else {
+        eprintln!(
+            "edge-agent: install {}: {}",
+            bundle.display(),
+            resp["error"]
+                .as_str()
+                .unwrap_or("no answer from the running agent")
+        );
+        Some(match resp["kind"].as_str() {
+            Some("io") => EXIT_IO,
+            Some("trust") | Some("usage") => EXIT_USAGE,
+            _ => EXIT_DATA,
+        })
+    }
+}
+
 /// `edge-agent bundle install FILE`.
 pub fn install(bundle: &Path, args: &StateArgs) -> i32 {
     if !bundle.is_file() {
@@ -64,6 +190,10 @@ pub fn install(bundle: &Path, args: &StateArgs) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    #[cfg(unix)]
+    if let Some(code) = install_via_socket(&cfg.state_dir, bundle) {
+        return code;
+    }
     let store = match open(&cfg) {
         Ok(s) => s,
         Err(code) => return code,

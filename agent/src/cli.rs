@@ -53,6 +53,25 @@ pub enum BundleCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the service: load active models, serve HTTP, install bundles, watch health.
+    Run {
+        /// Config file (TOML); flags override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// HTTP listen address (default 127.0.0.1:8080).
+        #[arg(long, value_name = "ADDR")]
+        http_listen: Option<String>,
+        /// Root public key bundles are verified against.
+        #[arg(long, value_name = "FILE.pub")]
+        trust_root: Option<PathBuf>,
+        #[arg(long, value_name = "ID")]
+        device_id: Option<String>,
+        /// Plant broker (mqtt://host:port); without it the agent runs in local mode.
+        #[arg(long, value_name = "URL")]
+        mqtt_url: Option<String>,
+    },
     /// Print the default configuration (TOML).
     PrintDefaultConfig,
     /// Check a configuration file; prints every problem and exits 64 when invalid.
@@ -111,6 +130,23 @@ pub enum FormatArg {
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> i32 {
     match cli.command {
+        Command::Run {
+            config,
+            state_dir,
+            http_listen,
+            trust_root,
+            device_id,
+            mqtt_url,
+        } => crate::admin::run_service(
+            config.as_deref(),
+            &crate::config::Overrides {
+                state_dir,
+                http_listen,
+                trust_root,
+                device_id,
+                mqtt_url,
+            },
+        ),
         Command::PrintDefaultConfig => {
             print!("{}", crate::config::Config::default_toml());
             0

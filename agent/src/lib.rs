@@ -4,5 +4,8 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod http;
 pub mod predict;
+pub mod runtime;
+pub mod service;
 pub mod store;

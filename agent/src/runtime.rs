@@ -1,0 +1,416 @@
+//! The running models: a registry of active versions swapped atomically (in-flight requests
+//! keep the `Arc` of the version they started with), the one prediction path every API uses,
+//! and per-version counters for health windows and metrics.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+use shared::bundle::Manifest;
+use shared::engine::{InputError, Model};
+
+/// Upper bounds (microseconds) of the latency histogram buckets.
+pub const LATENCY_BUCKETS_US: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+];
+
+/// Counters of one loaded version (lock-free; read by health checks and `/metrics`).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Requests that returned predictions.
+    pub ok: AtomicU64,
+    /// Requests refused for bad input (client errors, not counted against health).
+    pub invalid: AtomicU64,
+    /// Requests that failed inside the engine.
+    pub failed: AtomicU64,
+    /// Rows predicted.
+    pub rows: AtomicU64,
+    /// Rows with a NaN or infinite output value.
+    pub nan_rows: AtomicU64,
+    /// Latency histogram (per request), one counter per bucket plus +Inf.
+    pub latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    pub latency_sum_us: AtomicU64,
+}
+
+impl Counters {
+    fn observe_latency(&self, us: u64) {
+        let ix = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.latency[ix].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Approximate latency quantile (the upper bound of the bucket holding it), microseconds.
+    pub fn latency_quantile_us(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self
+            .latency
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = (total as f64 * q).ceil() as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return Some(LATENCY_BUCKETS_US.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        None
+    }
+}
+
+/// One version of a model, loaded and ready.
+#[derive(Debug)]
+pub struct Loaded {
+    pub name: String,
+    pub release: u64,
+    pub version: String,
+    pub manifest: Arc<Manifest>,
+    pub model: Model,
+    pub counters: Counters,
+    pub activated: Instant,
+    /// p99 single-row latency of the previous version on this device (install measurement).
+    pub baseline_p99_us: Option<u64>,
+}
+
+impl Loaded {
+    pub fn new(manifest: Manifest, model: Model) -> Loaded {
+        Loaded {
+            name: manifest.name.clone(),
+            release: manifest.release,
+            version: manifest.version.clone(),
+            manifest: Arc::new(manifest),
+            model,
+            counters: Counters::default(),
+            activated: Instant::now(),
+            baseline_p99_us: None,
+        }
+    }
+}
+
+/// A request row refused, with where.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowError {
+    /// 0-based row index in the request.
+    pub row: usize,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl std::fmt::Display for RowError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "row {}, field {field:?}: {}", self.row, self.message),
+            None => write!(f, "row {}: {}", self.row, self.message),
+        }
+    }
+}
+
+/// Why a prediction failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PredictError {
+    #[error("no model named {0:?}")]
+    UnknownModel(String),
+    #[error("{0}")]
+    Invalid(RowError),
+    #[error("inference failed: {0}")]
+    Engine(String),
+}
+
+/// The result of a prediction: one output object per row, and the version that made it.
+#[derive(Debug)]
+pub struct Prediction {
+    pub outputs: Vec<Map<String, Value>>,
+    pub loaded: Arc<Loaded>,
+}
+
+fn non_finite(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.iter().any(non_finite),
+        Value::Object(o) => o.values().any(non_finite),
+        _ => false,
+    }
+}
+
+/// Checks rows against the bundle's schema before the engine sees them: every value finite.
+fn check_finite(row: usize, obj: &Map<String, Value>) -> Result<(), RowError> {
+    for (k, v) in obj {
+        let bad = match v {
+            Value::Null => Some("is null (a missing value)"),
+            Value::Array(a) if a.iter().any(|x| x.is_null()) => {
+                Some("holds null (a missing value)")
+            }
+            _ => None,
+        };
+        if let Some(m) = bad {
+            return Err(RowError {
+                row,
+                field: Some(k.clone()),
+                message: m.into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Scores `rows` (JSON objects keyed by feature or input names) with `loaded`, recording
+/// counters. `allow_missing` lets null values through as NaN (for models that impute).
+pub fn predict_with(
+    loaded: Arc<Loaded>,
+    rows: &[Map<String, Value>],
+    allow_missing: bool,
+) -> Result<Prediction, PredictError> {
+    let start = Instant::now();
+    let c = &loaded.counters;
+    let mut b = loaded.model.batch_builder();
+    for (i, row) in rows.iter().enumerate() {
+        if !allow_missing {
+            if let Err(e) = check_finite(i, row) {
+                c.invalid.fetch_add(1, Ordering::Relaxed);
+                return Err(PredictError::Invalid(e));
+            }
+        }
+        if let Err(e) = b.push_json(row, i as u64) {
+            c.invalid.fetch_add(1, Ordering::Relaxed);
+            return Err(PredictError::Invalid(row_error(i, e)));
+        }
+    }
+    let batch = b.take();
+    let out = match loaded.model.run(&batch) {
+        Ok(o) => o,
+        Err(e) => {
+            c.failed.fetch_add(1, Ordering::Relaxed);
+            return Err(PredictError::Engine(e.to_string()));
+        }
+    };
+    let mut outputs = Vec::with_capacity(rows.len());
+    let mut nan = 0;
+    for r in 0..rows.len() {
+        let obj = loaded.model.render_row(&out, r);
+        if obj.values().any(non_finite) {
+            nan += 1;
+        }
+        outputs.push(obj);
+    }
+    c.ok.fetch_add(1, Ordering::Relaxed);
+    c.rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
+    c.nan_rows.fetch_add(nan, Ordering::Relaxed);
+    c.observe_latency(start.elapsed().as_micros() as u64);
+    Ok(Prediction { outputs, loaded })
+}
+
+fn row_error(row: usize, e: InputError) -> RowError {
+    RowError {
+        row,
+        field: e.column.clone(),
+        message: e.message.clone(),
+    }
+}
+
+/// The active version of every model, swapped atomically.
+#[derive(Debug, Default)]
+pub struct Registry {
+    models: RwLock<BTreeMap<String, Arc<Loaded>>>,
+}
+
+impl Registry {
+    /// The active version of `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<Loaded>> {
+        self.models.read().ok()?.get(name).cloned()
+    }
+
+    /// Every active version, by name.
+    pub fn all(&self) -> Vec<Arc<Loaded>> {
+        self.models
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Makes `loaded` the active version of its model; returns the one it replaced, which
+    /// finishes the requests already holding it.
+    pub fn activate(&self, loaded: Arc<Loaded>) -> Option<Arc<Loaded>> {
+        match self.models.write() {
+            Ok(mut m) => m.insert(loaded.name.clone(), loaded),
+            Err(_) => None,
+        }
+    }
+
+    /// Scores `rows` with the active version of `name`.
+    pub fn predict(
+        &self,
+        name: &str,
+        rows: &[Map<String, Value>],
+        allow_missing: bool,
+    ) -> Result<Prediction, PredictError> {
+        let loaded = self
+            .get(name)
+            .ok_or_else(|| PredictError::UnknownModel(name.to_string()))?;
+        predict_with(loaded, rows, allow_missing)
+    }
+}
+
+/// A health-window verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Health {
+    /// Still inside the window (or too few predictions).
+    Pending,
+    Healthy,
+    /// Roll back, with the reason.
+    Breach(String),
+}
+
+/// Health limits (from the config's `[health]`).
+#[derive(Debug, Clone)]
+pub struct HealthPolicy {
+    pub window: Duration,
+    pub min_predictions: u64,
+    pub max_error_rate: f64,
+    pub max_nan_rate: f64,
+    pub max_p99_ratio: f64,
+}
+
+/// Judges a version in its health window. Breaches are reported as soon as enough requests
+/// were seen to judge them (at least 20), so a broken model does not serve a whole window.
+pub fn judge(l: &Loaded, p: &HealthPolicy) -> Health {
+    let c = &l.counters;
+    let ok = c.ok.load(Ordering::Relaxed);
+    let failed = c.failed.load(Ordering::Relaxed);
+    let rows = c.rows.load(Ordering::Relaxed);
+    let nan = c.nan_rows.load(Ordering::Relaxed);
+    let requests = ok + failed;
+    const MIN_TO_JUDGE: u64 = 20;
+    if requests >= MIN_TO_JUDGE {
+        let err = failed as f64 / requests as f64;
+        if err > p.max_error_rate {
+            return Health::Breach(format!(
+                "error rate {err:.3} over {requests} requests exceeds {}",
+                p.max_error_rate
+            ));
+        }
+    }
+    if rows >= MIN_TO_JUDGE {
+        let nr = nan as f64 / rows as f64;
+        if nr > p.max_nan_rate {
+            return Health::Breach(format!(
+                "NaN/inf output rate {nr:.3} over {rows} rows exceeds {}",
+                p.max_nan_rate
+            ));
+        }
+    }
+    if ok >= MIN_TO_JUDGE {
+        if let (Some(base), Some(p99)) = (l.baseline_p99_us, c.latency_quantile_us(0.99)) {
+            // compare bucket bounds: the baseline is rounded up to its bucket too
+            let base_bucket = LATENCY_BUCKETS_US
+                .iter()
+                .copied()
+                .find(|&b| base <= b)
+                .unwrap_or(u64::MAX);
+            if p99 as f64 > p.max_p99_ratio * base_bucket.max(1) as f64 {
+                return Health::Breach(format!(
+                    "p99 latency {p99} us exceeds {}x the previous version's {base} us",
+                    p.max_p99_ratio
+                ));
+            }
+        }
+    }
+    if l.activated.elapsed() >= p.window && rows >= p.min_predictions {
+        Health::Healthy
+    } else {
+        Health::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loaded() -> Arc<Loaded> {
+        let bytes = shared::engine::testing::scaler_model(2, Some(&["a", "b"]));
+        let model = Model::from_bytes(&bytes).unwrap();
+        let manifest = shared::bundle::testing::manifest("m", &[("model.onnx", &bytes)]);
+        Arc::new(Loaded::new(manifest, model))
+    }
+
+    fn row(a: Value, b: Value) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("a".into(), a);
+        m.insert("b".into(), b);
+        m
+    }
+
+    #[test]
+    fn predicts_and_names_bad_rows() {
+        let reg = Registry::default();
+        reg.activate(loaded());
+        let p = reg
+            .predict(
+                "m",
+                &[row(1.0.into(), 2.0.into()), row(3.0.into(), 4.0.into())],
+                false,
+            )
+            .unwrap();
+        assert_eq!(p.outputs.len(), 2);
+        let err = reg
+            .predict(
+                "m",
+                &[row(1.0.into(), 2.0.into()), row(Value::Null, 4.0.into())],
+                false,
+            )
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "row 1, field \"a\": is null (a missing value)"
+        );
+        let err = reg
+            .predict("m", &[row("x".into(), 2.0.into())], false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("row 0, field \"a\""), "{err}");
+        assert!(matches!(
+            reg.predict("nope", &[], false),
+            Err(PredictError::UnknownModel(_))
+        ));
+        let l = reg.get("m").unwrap();
+        assert_eq!(l.counters.ok.load(Ordering::Relaxed), 1);
+        assert_eq!(l.counters.invalid.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn health_judgement() {
+        let policy = HealthPolicy {
+            window: Duration::from_secs(0),
+            min_predictions: 10,
+            max_error_rate: 0.05,
+            max_nan_rate: 0.01,
+            max_p99_ratio: 3.0,
+        };
+        let l = loaded();
+        assert_eq!(judge(&l, &policy), Health::Pending);
+        for _ in 0..20 {
+            predict_with(l.clone(), &[row(1.0.into(), 2.0.into())], false).unwrap();
+        }
+        assert_eq!(judge(&l, &policy), Health::Healthy);
+        let l2 = loaded();
+        l2.counters.ok.store(30, Ordering::Relaxed);
+        l2.counters.rows.store(30, Ordering::Relaxed);
+        l2.counters.nan_rows.store(5, Ordering::Relaxed);
+        assert!(matches!(judge(&l2, &policy), Health::Breach(r) if r.contains("NaN")));
+        let mut l3 = Loaded::new(shared::bundle::testing::manifest("m", &[]), l.model.clone());
+        l3.baseline_p99_us = Some(100);
+        for _ in 0..30 {
+            l3.counters.observe_latency(2_000);
+        }
+        l3.counters.ok.store(30, Ordering::Relaxed);
+        assert!(matches!(judge(&l3, &policy), Health::Breach(r) if r.contains("p99")));
+    }
+}

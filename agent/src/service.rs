@@ -1,0 +1,414 @@
+//! `edge-agent run`: the service. Opens the store, loads the active models, serves HTTP,
+//! installs bundles from the inbox and the admin socket, watches health windows and rolls
+//! back, talks to systemd; one shutdown path (cancellation token, drain within a deadline).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::runtime::{judge, Health, HealthPolicy, Loaded, Registry};
+use crate::store::{Store, StoreConfig, StoreError};
+
+/// How long in-flight requests get to finish after a shutdown request.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// Largest admin-socket request line.
+const MAX_ADMIN_LINE: usize = 64 * 1024;
+
+/// Install, rejection and rollback counts by reason (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct LifecycleCounters {
+    pub installs: AtomicU64,
+    /// reason -> count
+    pub rejections: Mutex<BTreeMap<String, u64>>,
+    pub rollbacks: Mutex<BTreeMap<String, u64>>,
+}
+
+fn bump(map: &Mutex<BTreeMap<String, u64>>, key: &str) {
+    if let Ok(mut m) = map.lock() {
+        *m.entry(key.to_string()).or_default() += 1;
+    }
+}
+
+/// Everything the HTTP handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub config: Config,
+    pub device_id: String,
+    /// True once the active models are loaded and the listener is bound.
+    pub ready: AtomicBool,
+    pub lifecycle: LifecycleCounters,
+}
+
+/// Why the service could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// A short machine-friendly reason key for counters.
+fn reason_key(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Rejected(_) => "rejected",
+        StoreError::Incompatible(_) => "incompatible",
+        StoreError::Golden(_) => "golden",
+        StoreError::Trust(_) => "trust",
+        _ => "io",
+    }
+}
+
+struct Ctx {
+    store: Mutex<Store>,
+    state: Arc<AppState>,
+    policy: HealthPolicy,
+}
+
+impl Ctx {
+    fn load(&self, name: &str, baseline_p99_us: Option<u64>) -> Result<Arc<Loaded>, StoreError> {
+        let store = self.store.lock().map_err(|_| StoreError::Io {
+            path: "store".into(),
+            message: "lock poisoned".into(),
+        })?;
+        let (manifest, model) = store.load_active(name)?;
+        let mut l = Loaded::new(manifest, model);
+        l.baseline_p99_us = baseline_p99_us;
+        Ok(Arc::new(l))
+    }
+
+    /// Installs a bundle and activates it in the registry.
+    fn install(&self, path: &Path, source: &str) -> Result<String, StoreError> {
+        let report = {
+            let store = self.store.lock().map_err(|_| StoreError::Io {
+                path: "store".into(),
+                message: "lock poisoned".into(),
+            })?;
+            store.install(path, source)
+        };
+        match report {
+            Ok(r) => {
+                let baseline = self.previous_p99(&r.name);
+                let loaded = self.load(&r.name, baseline)?;
+                self.state.registry.activate(loaded);
+                self.state
+                    .lifecycle
+                    .installs
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(model = %r.name, release = r.release, source, "installed and activated");
+                Ok(format!("installed {} release {}", r.name, r.release))
+            }
+            Err(e) => {
+                bump(&self.state.lifecycle.rejections, reason_key(&e));
+                tracing::warn!(bundle = %path.display(), source, error = %e, "install rejected");
+                Err(e)
+            }
+        }
+    }
+
+    /// The install-time p99 of the previous version (the health baseline).
+    fn previous_p99(&self, name: &str) -> Option<u64> {
+        let store = self.store.lock().ok()?;
+        let states = store.status().ok()?;
+        let s = states.into_iter().find(|s| s.name == name)?;
+        s.previous.map(|p| p.latency_p99_us.max(1))
+    }
+
+    /// One pass over the models in their health window: commit or roll back.
+    fn check_health(&self) {
+        let states = match self.store.lock().map(|s| s.status()) {
+            Ok(Ok(s)) => s,
+            _ => return,
+        };
+        for s in states.into_iter().filter(|s| s.phase == "health_window") {
+            let Some(l) = self.state.registry.get(&s.name) else {
+                continue;
+            };
+            if l.release != s.active.release {
+                continue;
+            }
+            match judge(&l, &self.policy) {
+                Health::Pending => {}
+                Health::Healthy => {
+                    if let Ok(store) = self.store.lock() {
+                        if let Err(e) = store.commit(&s.name) {
+                            tracing::error!(model = %s.name, error = %e, "commit failed");
+                        }
+                    }
+                }
+                Health::Breach(reason) => {
+                    tracing::warn!(model = %s.name, release = l.release, %reason, "health breach: rolling back");
+                    let rolled = self.store.lock().map_err(|_| ()).and_then(|st| {
+                        st.rollback(&s.name, &reason).map_err(|e| {
+                            tracing::error!(model = %s.name, error = %e, "rollback failed");
+                        })
+                    });
+                    if rolled.is_ok() {
+                        bump(&self.state.lifecycle.rollbacks, health_reason_key(&reason));
+                        match self.load(&s.name, None) {
+                            Ok(prev) => {
+                                self.state.registry.activate(prev);
+                            }
+                            Err(e) => {
+                                tracing::error!(model = %s.name, error = %e, "loading the previous version failed")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Installs every `*.bundle` in the inbox (a file counts once renamed to `.bundle`);
+    /// moves it to `inbox/done/` or `inbox/rejected/` (with a `.reason` file).
+    fn scan_inbox(&self, inbox: &Path) {
+        let Ok(entries) = std::fs::read_dir(inbox) else {
+            return;
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "bundle"))
+            .collect();
+        files.sort();
+        for f in files {
+            let result = self.install(&f, "inbox");
+            let (sub, note) = match &result {
+                Ok(msg) => ("done", msg.clone()),
+                Err(e) => ("rejected", e.to_string()),
+            };
+            let dir = inbox.join(sub);
+            let _ = std::fs::create_dir_all(&dir);
+            if let Some(name) = f.file_name() {
+                let target = dir.join(name);
+                let _ = std::fs::rename(&f, &target);
+                let _ = std::fs::write(
+                    dir.join(format!("{}.reason", name.to_string_lossy())),
+                    note + "\n",
+                );
+            }
+        }
+    }
+}
+
+fn health_reason_key(reason: &str) -> &'static str {
+    if reason.contains("NaN") {
+        "nan"
+    } else if reason.contains("latency") {
+        "latency"
+    } else if reason.contains("error rate") {
+        "errors"
+    } else {
+        "other"
+    }
+}
+
+/// Sends a notification to systemd (`READY=1`, `WATCHDOG=1`, `STOPPING=1`) when run under a
+/// `Type=notify` unit.
+pub fn sd_notify(msg: &str) {
+    #[cfg(unix)]
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        let sock = match std::os::unix::net::UnixDatagram::unbound() {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let p = PathBuf::from(&path);
+        if p.to_string_lossy().starts_with('@') {
+            // abstract sockets need platform-specific addresses; not used by systemd's default
+            return;
+        }
+        let _ = sock.send_to(msg.as_bytes(), p);
+    }
+}
+
+/// Runs the service until `shutdown` resolves. `listener` is bound by the caller (tests use
+/// `127.0.0.1:0`).
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    let store = Store::open(&StoreConfig {
+        root: config.state_dir.clone(),
+        trust_root: config.trust_root.clone(),
+        keyring: config.keyring.clone(),
+        max_bundle_bytes: config.install.max_bundle_bytes,
+        latency_runs: config.install.latency_runs,
+    })?;
+    let registry = Arc::new(Registry::default());
+    let policy = HealthPolicy {
+        window: Duration::from_secs(config.health.window_secs),
+        min_predictions: config.health.min_predictions,
+        max_error_rate: config.health.max_error_rate,
+        max_nan_rate: config.health.max_nan_rate,
+        max_p99_ratio: config.health.max_p99_ratio,
+    };
+    let state = Arc::new(AppState {
+        registry: registry.clone(),
+        device_id: config.device_id(),
+        config: config.clone(),
+        ready: AtomicBool::new(false),
+        lifecycle: LifecycleCounters::default(),
+    });
+    let root = store.root().to_path_buf();
+    let ctx = Arc::new(Ctx {
+        store: Mutex::new(store),
+        state: state.clone(),
+        policy,
+    });
+    // Load every active model; one that fails to load is rolled back to its previous version.
+    let statuses = ctx
+        .store
+        .lock()
+        .map(|s| s.status())
+        .map_err(|_| ServiceError::Io("store lock".into()))??;
+    for s in statuses {
+        let baseline = s.previous.as_ref().map(|p| p.latency_p99_us.max(1));
+        match ctx.load(&s.name, baseline) {
+            Ok(l) => {
+                registry.activate(l);
+            }
+            Err(e) => {
+                tracing::error!(model = %s.name, error = %e, "active version does not load; rolling back");
+                let ok = ctx
+                    .store
+                    .lock()
+                    .map(|st| st.rollback(&s.name, &format!("does not load: {e}")).is_ok())
+                    .unwrap_or(false);
+                if ok {
+                    if let Ok(l) = ctx.load(&s.name, None) {
+                        registry.activate(l);
+                    }
+                }
+            }
+        }
+    }
+
+    let token = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    // Inbox and health window: one blocking worker, once a second.
+    {
+        let (ctx, token) = (ctx.clone(), token.clone());
+        let inbox = root.join("inbox");
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => {
+                        let (c, i) = (ctx.clone(), inbox.clone());
+                        let _ = tokio::task::spawn_blocking(move || {
+                            c.scan_inbox(&i);
+                            c.check_health();
+                        }).await;
+                    }
+                }
+            }
+        });
+    }
+
+    // Admin socket: one JSON request per line ({"op":"install","path":...}).
+    #[cfg(unix)]
+    {
+        let sock_path = root.join("agent.sock");
+        let _ = std::fs::remove_file(&sock_path);
+        let admin = tokio::net::UnixListener::bind(&sock_path)
+            .map_err(|e| ServiceError::Io(format!("{}: {e}", sock_path.display())))?;
+        let (ctx, token) = (ctx.clone(), token.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    conn = admin.accept() => {
+                        let Ok((stream, _)) = conn else { continue };
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move { let _ = admin_conn(stream, ctx).await; });
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(&sock_path);
+        });
+    }
+
+    // Watchdog pings.
+    if let Some(usec) = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let token = token.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(
+                Duration::from_micros(usec / 2).max(Duration::from_millis(100)),
+            );
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => sd_notify("WATCHDOG=1"),
+                }
+            }
+        });
+    }
+
+    let app = crate::http::router(state.clone());
+    state.ready.store(true, Ordering::SeqCst);
+    sd_notify("READY=1");
+    tracing::info!(addr = ?listener.local_addr().ok(), models = registry.all().len(), "edge-agent ready");
+
+    let server_token = token.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        server_token.cancelled().await;
+    });
+    let server = tokio::spawn(async move { server.await });
+
+    shutdown.await;
+    tracing::info!("shutting down: draining in-flight requests");
+    sd_notify("STOPPING=1");
+    state.ready.store(false, Ordering::SeqCst);
+    token.cancel();
+    if tokio::time::timeout(DRAIN_DEADLINE, server).await.is_err() {
+        tracing::warn!("drain deadline passed; stopping with requests in flight");
+    }
+    while tokio::time::timeout(DRAIN_DEADLINE, tasks.join_next())
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    {}
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn admin_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut r = BufReader::new(r).take(MAX_ADMIN_LINE as u64);
+    r.read_line(&mut line).await?;
+    let req: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+    let resp = match (req["op"].as_str(), req["path"].as_str()) {
+        (Some("install"), Some(path)) => {
+            let p = PathBuf::from(path);
+            let c = ctx.clone();
+            match tokio::task::spawn_blocking(move || c.install(&p, "admin socket")).await {
+                Ok(Ok(msg)) => serde_json::json!({"ok": true, "message": msg}),
+                Ok(Err(e)) => {
+                    serde_json::json!({"ok": false, "error": e.to_string(), "kind": reason_key(&e)})
+                }
+                Err(e) => serde_json::json!({"ok": false, "error": e.to_string(), "kind": "io"}),
+            }
+        }
+        _ => {
+            serde_json::json!({"ok": false, "error": "expected {\"op\":\"install\",\"path\":...}", "kind": "usage"})
+        }
+    };
+    w.write_all(format!("{resp}\n").as_bytes()).await?;
+    Ok(())
+}
