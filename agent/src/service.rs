@@ -219,6 +219,10 @@ pub fn sd_notify(msg: &str) {
             Ok(s) => s,
             Err(_) => return,
         };
+        // never block the runtime on a full notification queue
+        if sock.set_nonblocking(true).is_err() {
+            return;
+        }
         let p = PathBuf::from(&path);
         if p.to_string_lossy().starts_with('@') {
             // abstract sockets need platform-specific addresses; not used by systemd's default

@@ -4,6 +4,8 @@
 mod fleetctl;
 #[path = "e2e/install.rs"]
 mod install;
+#[path = "e2e/service.rs"]
+mod service;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
