@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod predict;
 pub mod runtime;
 pub mod service;

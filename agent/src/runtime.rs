@@ -67,6 +67,178 @@ impl Counters {
     }
 }
 
+/// A Prometheus-style histogram with fixed upper bounds (plus +Inf), lock-free.
+#[derive(Debug)]
+pub struct Histogram {
+    pub bounds: Vec<f64>,
+    /// Per bucket (not cumulative), `bounds.len() + 1` entries.
+    pub counts: Vec<AtomicU64>,
+    /// f64 bits of the sum of observed values.
+    pub sum_bits: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(mut bounds: Vec<f64>) -> Histogram {
+        bounds.retain(|b| b.is_finite());
+        bounds.dedup();
+        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        Histogram {
+            bounds,
+            counts,
+            sum_bits: AtomicU64::new(0f64.to_bits()),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        if !v.is_finite() {
+            return;
+        }
+        let ix = self.bounds.partition_point(|b| *b < v);
+        self.counts[ix].fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .sum_bits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + v).to_bits())
+            });
+    }
+
+    pub fn sum(&self) -> f64 {
+        f64::from_bits(self.sum_bits.load(Ordering::Relaxed))
+    }
+}
+
+/// Score buckets for classifier confidences.
+const SCORE_BOUNDS: [f64; 10] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+
+/// Input and prediction distributions of one version (for `/metrics`).
+#[derive(Debug)]
+pub struct Distributions {
+    /// Per numeric feature, buckets at the bundle's reference bin edges.
+    pub features: Vec<(String, Histogram)>,
+    /// Classifiers: the top score; regressors: the predicted value.
+    pub prediction: Histogram,
+    /// Classifiers: predicted label -> count.
+    pub labels: std::sync::Mutex<BTreeMap<String, u64>>,
+}
+
+impl Distributions {
+    fn new(m: &Manifest) -> Distributions {
+        let features = m
+            .reference
+            .as_ref()
+            .map(|r| {
+                r.features
+                    .iter()
+                    .filter(|f| f.bin_edges.len() >= 2)
+                    .map(|f| (f.name.clone(), Histogram::new(f.bin_edges[1..].to_vec())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let classifier = m
+            .signoff
+            .as_ref()
+            .is_some_and(|s| s.task == "classification")
+            || m.schema
+                .outputs
+                .iter()
+                .any(|o| o.elem_type == "int64" || o.elem_type == "string");
+        let prediction = if classifier {
+            Histogram::new(SCORE_BOUNDS.to_vec())
+        } else {
+            // regressors: ten equal buckets over the golden outputs' range
+            let vals: Vec<f64> = m
+                .golden
+                .samples
+                .iter()
+                .filter_map(|s| s.output.values().next().and_then(first_number))
+                .collect();
+            let (lo, hi) = vals
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                    (a.min(*v), b.max(*v))
+                });
+            if lo.is_finite() && hi > lo {
+                let w = (hi - lo) / 10.0;
+                Histogram::new((1..=10).map(|i| lo + w * i as f64).collect())
+            } else {
+                Histogram::new(vec![-100.0, -10.0, -1.0, 0.0, 1.0, 10.0, 100.0])
+            }
+        };
+        Distributions {
+            features,
+            prediction,
+            labels: std::sync::Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn observe(&self, m: &Manifest, row: &Map<String, Value>, out: &Map<String, Value>) {
+        for (i, (name, h)) in self.features.iter().enumerate() {
+            let v = match row.get(name) {
+                Some(v) => v.as_f64(),
+                // a single input holding the feature vector: by position in the schema
+                None => row
+                    .values()
+                    .next()
+                    .and_then(|v| v.as_array())
+                    .and_then(|a| {
+                        let pos = m
+                            .schema
+                            .features
+                            .iter()
+                            .position(|f| &f.name == name)
+                            .unwrap_or(i);
+                        a.get(pos).and_then(Value::as_f64)
+                    }),
+            };
+            if let Some(v) = v {
+                h.observe(v);
+            }
+        }
+        let mut outs = out.values();
+        match (outs.next(), outs.next()) {
+            (Some(label @ (Value::String(_) | Value::Number(_))), Some(scores))
+                if label.as_f64().is_none_or(|x| x.fract() == 0.0) =>
+            {
+                if let Ok(mut l) = self.labels.lock() {
+                    let key = match label {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    if l.len() < 1000 || l.contains_key(&key) {
+                        *l.entry(key).or_default() += 1;
+                    }
+                }
+                if let Some(top) = max_number(scores) {
+                    self.prediction.observe(top);
+                }
+            }
+            (Some(v), _) => {
+                if let Some(x) = first_number(v) {
+                    self.prediction.observe(x);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn first_number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::Array(a) => a.first().and_then(first_number),
+        _ => None,
+    }
+}
+
+fn max_number(v: &Value) -> Option<f64> {
+    let it: Box<dyn Iterator<Item = &Value>> = match v {
+        Value::Array(a) => Box::new(a.iter()),
+        Value::Object(o) => Box::new(o.values()),
+        other => Box::new(std::iter::once(other)),
+    };
+    it.filter_map(Value::as_f64).reduce(f64::max)
+}
+
 /// One version of a model, loaded and ready.
 #[derive(Debug)]
 pub struct Loaded {
@@ -76,6 +248,7 @@ pub struct Loaded {
     pub manifest: Arc<Manifest>,
     pub model: Model,
     pub counters: Counters,
+    pub distributions: Distributions,
     pub activated: Instant,
     /// p99 single-row latency of the previous version on this device (install measurement).
     pub baseline_p99_us: Option<u64>,
@@ -83,7 +256,9 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn new(manifest: Manifest, model: Model) -> Loaded {
+        let distributions = Distributions::new(&manifest);
         Loaded {
+            distributions,
             name: manifest.name.clone(),
             release: manifest.release,
             version: manifest.version.clone(),
@@ -194,17 +369,19 @@ pub fn predict_with(
     };
     let mut outputs = Vec::with_capacity(rows.len());
     let mut nan = 0;
-    for r in 0..rows.len() {
+    for (r, row) in rows.iter().enumerate() {
         let obj = loaded.model.render_row(&out, r);
         if obj.values().any(non_finite) {
             nan += 1;
         }
+        loaded.distributions.observe(&loaded.manifest, row, &obj);
         outputs.push(obj);
     }
     c.ok.fetch_add(1, Ordering::Relaxed);
     c.rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
     c.nan_rows.fetch_add(nan, Ordering::Relaxed);
-    c.observe_latency(start.elapsed().as_micros() as u64);
+    // per-row latency, so batches and single rows compare with the install measurement
+    c.observe_latency(start.elapsed().as_micros() as u64 / rows.len().max(1) as u64);
     Ok(Prediction { outputs, loaded })
 }
 
