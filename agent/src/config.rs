@@ -34,6 +34,23 @@ pub struct Http {
     pub listen: String,
     /// Largest request body (bytes).
     pub max_body_bytes: u64,
+    /// Bearer tokens accepted by the HTTP API; empty: no authentication (loopback use).
+    pub tokens: Vec<Token>,
+}
+
+/// Scopes a bearer token can carry.
+pub const TOKEN_SCOPES: [&str; 3] = ["predict", "feedback", "admin"];
+
+/// One bearer token of the HTTP API, stored as the SHA-256 of the token (never the token).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Token {
+    /// Who holds it (for logs).
+    pub name: String,
+    /// Lowercase hex SHA-256 of the token (`printf %s TOKEN | sha256sum`).
+    pub sha256: String,
+    /// What it may do: `predict`, `feedback`, `admin`.
+    pub scopes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +58,24 @@ pub struct Http {
 pub struct Mqtt {
     /// `mqtt://host:port` of the plant's broker.
     pub url: String,
+    /// MQTT client id (default `edge-agent-<device_id>`).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Inference over MQTT: named-feature JSON in, predictions out.
+    #[serde(default)]
+    pub inference: Vec<MqttRoute>,
+}
+
+/// One model served over MQTT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttRoute {
+    pub model: String,
+    pub input_topic: String,
+    pub output_topic: String,
+    /// Where refused messages are answered (default: the output topic).
+    #[serde(default)]
+    pub error_topic: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,6 +122,7 @@ impl Default for Http {
         Http {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 1024 * 1024,
+            tokens: Vec::new(),
         }
     }
 }
@@ -144,7 +180,11 @@ impl Config {
              # device_id = \"line3-box1\"          # default: the host name\n\
              # keyring = \"/etc/edge-agent/keyring.json\"\n\
              # [mqtt]\n\
-             # url = \"mqtt://127.0.0.1:1883\"     # no [mqtt] section: local mode\n\n{body}"
+             # url = \"mqtt://127.0.0.1:1883\"     # no [mqtt] section: local mode\n\
+             # [[http.tokens]]                     # no tokens: the HTTP API needs none\n\
+             # name = \"line3-scada\"\n\
+             # sha256 = \"<hex SHA-256 of the token>\"\n\
+             # scopes = [\"predict\"]             # predict, feedback, admin\n\n{body}"
         )
     }
 
@@ -181,7 +221,16 @@ impl Config {
             self.device_id = Some(v.clone());
         }
         if let Some(v) = &o.mqtt_url {
-            self.mqtt = Some(Mqtt { url: v.clone() });
+            match &mut self.mqtt {
+                Some(m) => m.url = v.clone(),
+                None => {
+                    self.mqtt = Some(Mqtt {
+                        url: v.clone(),
+                        client_id: None,
+                        inference: Vec::new(),
+                    })
+                }
+            }
         }
     }
 
@@ -220,6 +269,29 @@ impl Config {
         if self.http.max_body_bytes == 0 || self.http.max_body_bytes > 64 * 1024 * 1024 {
             p.push("http.max_body_bytes must be 1 to 67108864".into());
         }
+        let mut token_names = std::collections::BTreeSet::new();
+        for (i, t) in self.http.tokens.iter().enumerate() {
+            let at = format!("http.tokens[{i}]");
+            if t.name.is_empty() || !token_names.insert(t.name.as_str()) {
+                p.push(format!("{at}: name {:?} is empty or used twice", t.name));
+            }
+            if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                p.push(format!(
+                    "{at}: sha256 must be the 64 hex digits of the token's SHA-256"
+                ));
+            }
+            if t.scopes.is_empty() {
+                p.push(format!("{at}: no scopes (use {})", TOKEN_SCOPES.join(", ")));
+            }
+            for s in &t.scopes {
+                if !TOKEN_SCOPES.contains(&s.as_str()) {
+                    p.push(format!(
+                        "{at}: unknown scope {s:?} (use {})",
+                        TOKEN_SCOPES.join(", ")
+                    ));
+                }
+            }
+        }
         if let Some(m) = &self.mqtt {
             let rest = m
                 .url
@@ -231,6 +303,16 @@ impl Config {
                         .rsplit_once(':')
                         .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok()) => {}
                 _ => p.push(format!("mqtt.url {:?}: expected mqtt://host:port", m.url)),
+            }
+            for (i, r) in m.inference.iter().enumerate() {
+                for (what, t) in [("input_topic", &r.input_topic), ("output_topic", &r.output_topic)] {
+                    if t.is_empty() || t.contains(['+', '#']) {
+                        p.push(format!("mqtt.inference[{i}].{what} {t:?}: a topic without wildcards"));
+                    }
+                }
+                if r.model.is_empty() {
+                    p.push(format!("mqtt.inference[{i}].model is empty"));
+                }
             }
         }
         if self.install.max_bundle_bytes == 0 {
@@ -293,5 +375,28 @@ mod tests {
             assert!(all.contains(want), "{want} in {all}");
         }
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn tokens_are_validated() {
+        let good = format!("{:064x}", 7);
+        let text = format!(
+            "[[http.tokens]]\nname = \"scada\"\nsha256 = \"{good}\"\nscopes = [\"predict\"]\n\
+             [[http.tokens]]\nname = \"scada\"\nsha256 = \"abc\"\nscopes = [\"root\"]\n"
+        );
+        let c: Config = toml::from_str(&text).unwrap();
+        assert_eq!(c.http.tokens[0].scopes, ["predict"]);
+        let all = c.validate().unwrap_err().problems.join("\n");
+        for want in [
+            "http.tokens[1]: name \"scada\" is empty or used twice",
+            "http.tokens[1]: sha256 must be",
+            "http.tokens[1]: unknown scope \"root\"",
+        ] {
+            assert!(all.contains(want), "{want} in {all}");
+        }
+        assert!(!all.contains("http.tokens[0]"), "{all}");
+        assert!(
+            toml::from_str::<Config>("[[http.tokens]]\nname = \"x\"\ntoken = \"t\"\n").is_err()
+        );
     }
 }

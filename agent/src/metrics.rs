@@ -246,5 +246,35 @@ pub fn render(state: &AppState) -> String {
             );
         }
     }
+    header(
+        &mut out,
+        "edge_agent_mqtt_messages_total",
+        "counter",
+        "MQTT inference messages by outcome.",
+    );
+    let m = &state.mqtt;
+    for (what, v) in [
+        ("received", &m.received),
+        ("published", &m.published),
+        ("rejected", &m.rejected),
+        ("dropped", &m.dropped),
+    ] {
+        let _ = writeln!(
+            out,
+            "edge_agent_mqtt_messages_total{{outcome=\"{what}\"}} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    header(
+        &mut out,
+        "edge_agent_mqtt_reconnects_total",
+        "counter",
+        "MQTT connection errors (each followed by a backoff).",
+    );
+    let _ = writeln!(
+        out,
+        "edge_agent_mqtt_reconnects_total {}",
+        m.reconnects.load(Ordering::Relaxed)
+    );
     out
 }

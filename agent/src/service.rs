@@ -45,6 +45,7 @@ pub struct AppState {
     /// True once the active models are loaded and the listener is bound.
     pub ready: AtomicBool,
     pub lifecycle: LifecycleCounters,
+    pub mqtt: Arc<crate::mqtt::MqttCounters>,
 }
 
 /// Why the service could not start or stopped with an error.
@@ -260,6 +261,7 @@ pub async fn run(
         config: config.clone(),
         ready: AtomicBool::new(false),
         lifecycle: LifecycleCounters::default(),
+        mqtt: Arc::new(crate::mqtt::MqttCounters::default()),
     });
     let root = store.root().to_path_buf();
     let ctx = Arc::new(Ctx {
@@ -340,6 +342,21 @@ pub async fn run(
             }
             let _ = std::fs::remove_file(&sock_path);
         });
+    }
+
+    // Inference over the plant's MQTT broker (none configured: local mode).
+    if let Some(m) = config.mqtt.clone() {
+        let client_id = m
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("edge-agent-{}", state.device_id));
+        tasks.spawn(crate::mqtt::run(
+            m,
+            client_id,
+            registry.clone(),
+            state.mqtt.clone(),
+            token.clone(),
+        ));
     }
 
     // Watchdog pings.

@@ -2,8 +2,12 @@
 
 #[path = "e2e/fleetctl.rs"]
 mod fleetctl;
+#[path = "e2e/http.rs"]
+mod http;
 #[path = "e2e/install.rs"]
 mod install;
+#[path = "e2e/mqtt.rs"]
+mod mqtt;
 #[path = "e2e/service.rs"]
 mod service;
 
