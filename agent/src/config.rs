@@ -305,9 +305,14 @@ impl Config {
                 _ => p.push(format!("mqtt.url {:?}: expected mqtt://host:port", m.url)),
             }
             for (i, r) in m.inference.iter().enumerate() {
-                for (what, t) in [("input_topic", &r.input_topic), ("output_topic", &r.output_topic)] {
+                for (what, t) in [
+                    ("input_topic", &r.input_topic),
+                    ("output_topic", &r.output_topic),
+                ] {
                     if t.is_empty() || t.contains(['+', '#']) {
-                        p.push(format!("mqtt.inference[{i}].{what} {t:?}: a topic without wildcards"));
+                        p.push(format!(
+                            "mqtt.inference[{i}].{what} {t:?}: a topic without wildcards"
+                        ));
                     }
                 }
                 if r.model.is_empty() {
