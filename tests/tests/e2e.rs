@@ -4,6 +4,8 @@
 mod fleetctl;
 #[path = "e2e/http.rs"]
 mod http;
+#[path = "e2e/health.rs"]
+mod health;
 #[path = "e2e/install.rs"]
 mod install;
 #[path = "e2e/mqtt.rs"]

@@ -123,3 +123,28 @@ pub fn scaler_model(features: usize, feature_names: Option<&[&str]>) -> Vec<u8> 
         &meta,
     )
 }
+
+/// A model applying the standard unary operator `op_type` (e.g. `Log`, `Sqrt`) to float
+/// input `X` of `[N, features]`, output `Y`; with `feature_names` in the metadata when given.
+pub fn unary_model(op_type: &str, features: usize, feature_names: Option<&[&str]>) -> Vec<u8> {
+    let node = pb::NodeProto {
+        name: op_type.to_lowercase(),
+        op_type: op_type.into(),
+        input: vec!["X".into()],
+        output: vec!["Y".into()],
+        ..Default::default()
+    };
+    let f = pb::tensor_proto::DataType::Float;
+    let w = Some(features as i64);
+    let names = feature_names.map(|n| serde_json::to_string(n).unwrap_or_default());
+    let meta: Vec<(&str, &str)> = names
+        .as_deref()
+        .map(|n| vec![("feature_names", n)])
+        .unwrap_or_default();
+    model(
+        node,
+        vec![tensor_input("X", f, &[None, w])],
+        vec![tensor_input("Y", f, &[None, w])],
+        &meta,
+    )
+}
