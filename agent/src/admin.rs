@@ -143,15 +143,13 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Hands `bundle` to a running agent over `<state>/agent.sock`; `None` when no agent
+/// Sends one request to a running agent over `<state>/agent.sock`; `None` when no agent
 /// listens there.
 #[cfg(unix)]
-fn install_via_socket(state_dir: &Path, bundle: &Path) -> Option<i32> {
+fn via_socket(state_dir: &Path, req: &serde_json::Value, what: &str) -> Option<i32> {
     use std::io::{BufRead, BufReader, Write};
     let sock = state_dir.join("agent.sock");
     let mut stream = std::os::unix::net::UnixStream::connect(&sock).ok()?;
-    let path = std::fs::canonicalize(bundle).unwrap_or_else(|_| bundle.to_path_buf());
-    let req = serde_json::json!({"op": "install", "path": path});
     if writeln!(stream, "{req}").is_err() {
         return None;
     }
@@ -161,13 +159,12 @@ fn install_via_socket(state_dir: &Path, bundle: &Path) -> Option<i32> {
     if resp["ok"] == true {
         println!(
             "{} (by the running agent)",
-            resp["message"].as_str().unwrap_or("installed")
+            resp["message"].as_str().unwrap_or("done")
         );
         Some(0)
     } else {
         eprintln!(
-            "edge-agent: install {}: {}",
-            bundle.display(),
+            "edge-agent: {what}: {}",
             resp["error"]
                 .as_str()
                 .unwrap_or("no answer from the running agent")
@@ -180,8 +177,43 @@ fn install_via_socket(state_dir: &Path, bundle: &Path) -> Option<i32> {
     }
 }
 
+/// `edge-agent promote MODEL` / `edge-agent drop-candidate MODEL`.
+pub fn candidate_op(op: &str, model: &str, args: &StateArgs) -> i32 {
+    let cfg = match config(args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    #[cfg(unix)]
+    if let Some(code) = via_socket(
+        &cfg.state_dir,
+        &serde_json::json!({"op": op, "model": model}),
+        &format!("{op} {model}"),
+    ) {
+        return code;
+    }
+    let store = match open(&cfg) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let result = if op == "promote" {
+        store.promote(model)
+    } else {
+        store.drop_candidate(model)
+    };
+    match result {
+        Ok(s) => {
+            println!("{model}: release {} active", s.active.release);
+            0
+        }
+        Err(e) => {
+            eprintln!("edge-agent: {op} {model}: {e}");
+            exit_code(&e)
+        }
+    }
+}
+
 /// `edge-agent bundle install FILE`.
-pub fn install(bundle: &Path, args: &StateArgs) -> i32 {
+pub fn install(bundle: &Path, mode: crate::store::InstallMode, args: &StateArgs) -> i32 {
     if !bundle.is_file() {
         eprintln!("edge-agent: {}: no such file", bundle.display());
         return EXIT_NO_INPUT;
@@ -191,14 +223,28 @@ pub fn install(bundle: &Path, args: &StateArgs) -> i32 {
         Err(code) => return code,
     };
     #[cfg(unix)]
-    if let Some(code) = install_via_socket(&cfg.state_dir, bundle) {
-        return code;
+    {
+        use crate::store::InstallMode;
+        let path = std::fs::canonicalize(bundle).unwrap_or_else(|_| bundle.to_path_buf());
+        let req = match mode {
+            InstallMode::Activate => serde_json::json!({"op": "install", "path": path}),
+            InstallMode::Shadow => {
+                serde_json::json!({"op": "install", "path": path, "mode": "shadow"})
+            }
+            InstallMode::Split(p) => {
+                serde_json::json!({"op": "install", "path": path, "mode": "split", "percent": p})
+            }
+        };
+        let what = format!("install {}", bundle.display());
+        if let Some(code) = via_socket(&cfg.state_dir, &req, &what) {
+            return code;
+        }
     }
     let store = match open(&cfg) {
         Ok(s) => s,
         Err(code) => return code,
     };
-    match store.install(bundle, &bundle.display().to_string()) {
+    match store.install_as(bundle, &bundle.display().to_string(), mode) {
         Ok(r) => {
             println!(
                 "installed {} {} (release {}): {} golden samples passed, latency p50 {} us p99 {} us{}",
@@ -257,6 +303,18 @@ pub fn status(args: &StateArgs, json: bool) -> i32 {
                 p.release
             ))
         );
+        if let Some(c) = &s.candidate {
+            println!(
+                "  candidate: release {} ({}) as {}",
+                c.version.release,
+                c.version.version,
+                if c.mode == "split" {
+                    format!("a {}% split", c.percent)
+                } else {
+                    "a shadow".to_string()
+                }
+            );
+        }
         if let Some(r) = &s.last_rollback {
             println!(
                 "  rolled back {} from release {} to {}: {}",
@@ -273,6 +331,14 @@ pub fn rollback(model: &str, reason: &str, args: &StateArgs) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    #[cfg(unix)]
+    if let Some(code) = via_socket(
+        &cfg.state_dir,
+        &serde_json::json!({"op": "rollback", "model": model, "reason": reason}),
+        &format!("rollback {model}"),
+    ) {
+        return code;
+    }
     let store = match open(&cfg) {
         Ok(s) => s,
         Err(code) => return code,

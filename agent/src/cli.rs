@@ -46,6 +46,12 @@ pub enum BundleCommand {
     Install {
         #[arg(value_name = "FILE.bundle")]
         bundle: PathBuf,
+        /// Run it as a shadow beside the active version (same inputs, outputs only compared).
+        #[arg(long, conflicts_with = "split")]
+        shadow: bool,
+        /// Serve this percentage of requests with it (sticky by the X-Routing-Key header).
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+        split: Option<u8>,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -89,6 +95,20 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Make a model's shadow or split version the active one (with a health window).
+    Promote {
+        #[arg(value_name = "MODEL")]
+        model: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Remove a model's shadow or split version.
+    DropCandidate {
+        #[arg(value_name = "MODEL")]
+        model: String,
+        #[command(flatten)]
+        state: StateArgs,
     },
     /// Re-activate a model's previous version.
     Rollback {
@@ -165,8 +185,22 @@ pub fn run(cli: Cli) -> i32 {
                 }
             }
         }
-        Command::Bundle(BundleCommand::Install { bundle, state }) => {
-            crate::admin::install(&bundle, &state)
+        Command::Bundle(BundleCommand::Install {
+            bundle,
+            shadow,
+            split,
+            state,
+        }) => {
+            let mode = match (shadow, split) {
+                (true, _) => crate::store::InstallMode::Shadow,
+                (false, Some(p)) => crate::store::InstallMode::Split(p),
+                _ => crate::store::InstallMode::Activate,
+            };
+            crate::admin::install(&bundle, mode, &state)
+        }
+        Command::Promote { model, state } => crate::admin::candidate_op("promote", &model, &state),
+        Command::DropCandidate { model, state } => {
+            crate::admin::candidate_op("drop", &model, &state)
         }
         Command::Status { state, json } => crate::admin::status(&state, json),
         Command::Rollback {

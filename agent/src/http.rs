@@ -29,6 +29,9 @@ use crate::service::AppState;
 
 /// Most rows (instances, or the batch dimension of an inference request) in one request.
 pub const MAX_ROWS: usize = 10_000;
+/// The header carrying the sticky key that decides which version of a split serves a request.
+pub const ROUTING_KEY: &str = "x-routing-key";
+
 /// The binary tensor data extension's header: the length of the JSON part of the body.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 /// The scope inference and model routes need when tokens are configured.
@@ -1139,6 +1142,7 @@ async fn v1_get(
 async fn v1_post(
     State(s): State<Arc<AppState>>,
     Path(rest): Path<String>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let (name, verb) = v1_target(&rest)?;
@@ -1160,10 +1164,17 @@ async fn v1_post(
         }
     }
     let body = body.map_err(|r| body_error(r, s.config.http.max_body_bytes, Flavor::V1))?;
-    let loaded = resolve(&s, name, None, Flavor::V1)?;
+    let active = resolve(&s, name, None, Flavor::V1)?;
+    // a split candidate serves its share of routing keys
+    let key = headers
+        .get(ROUTING_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let loaded = s.registry.route(name, key.as_deref()).unwrap_or(active);
     let device = s.device_id.clone();
+    let registry = s.registry.clone();
     let out = blocking(Flavor::V1, move || {
-        v1_predict(loaded, &body, &device).map_err(|e| e.flavor(Flavor::V1))
+        v1_predict(loaded, &body, &device, &registry).map_err(|e| e.flavor(Flavor::V1))
     })
     .await?;
     Ok(Json(out))
@@ -1180,7 +1191,12 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-fn v1_predict(loaded: Arc<Loaded>, body: &[u8], device: &str) -> Result<Value, ApiError> {
+fn v1_predict(
+    loaded: Arc<Loaded>,
+    body: &[u8],
+    device: &str,
+    registry: &crate::runtime::Registry,
+) -> Result<Value, ApiError> {
     let usage = "expected {\"instances\": [{\"<feature>\": value, ...}, ...]}";
     let req: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad(format!("request body is not JSON: {e}; {usage}")))?;
@@ -1251,7 +1267,9 @@ fn v1_predict(loaded: Arc<Loaded>, body: &[u8], device: &str) -> Result<Value, A
         check_floats(model, row, &obj).map_err(|e| ApiError::row(e, Flavor::V1))?;
         rows.push(obj);
     }
+    let name = loaded.name.clone();
     let pred = predict_with(loaded, &rows, false).map_err(|e| ApiError::predict(e, Flavor::V1))?;
+    registry.shadow(&name, &rows, &pred);
     let l = &pred.loaded;
     let ids = prediction_ids(device, l.release, pred.outputs.len());
     Ok(json!({

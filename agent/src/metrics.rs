@@ -47,7 +47,14 @@ fn histogram(out: &mut String, name: &str, lbl: &str, h: &Histogram) {
 
 /// Renders every metric family.
 pub fn render(state: &AppState) -> String {
-    let models = state.registry.all();
+    let active = state.registry.all();
+    let candidates = state.registry.candidates();
+    // requests, rows and latency cover candidate versions too (distinct release labels)
+    let models: Vec<_> = active
+        .iter()
+        .cloned()
+        .chain(candidates.iter().map(|c| c.loaded.clone()))
+        .collect();
     let mut out = String::with_capacity(4096);
 
     header(
@@ -68,12 +75,64 @@ pub fn render(state: &AppState) -> String {
         "gauge",
         "The active version of each model (value 1).",
     );
-    for l in &models {
+    for l in &active {
         let _ = writeln!(
             out,
             "edge_agent_model_info{{{},version=\"{}\"}} 1",
             labels(l),
             esc(&l.version)
+        );
+    }
+    header(
+        &mut out,
+        "edge_agent_candidate_info",
+        "gauge",
+        "A shadow or split version beside the active one (value 1).",
+    );
+    for c in &candidates {
+        let (mode, pct) = match c.mode {
+            crate::runtime::CandidateMode::Shadow => ("shadow", 0),
+            crate::runtime::CandidateMode::Split(p) => ("split", p),
+        };
+        let _ = writeln!(
+            out,
+            "edge_agent_candidate_info{{{},version=\"{}\",mode=\"{mode}\",percent=\"{pct}\"}} 1",
+            labels(&c.loaded),
+            esc(&c.loaded.version)
+        );
+    }
+    header(
+        &mut out,
+        "edge_agent_shadow_rows_total",
+        "counter",
+        "Rows a shadow version scored, by agreement with the active version's outputs.",
+    );
+    for c in &candidates {
+        let compared = c.compared.load(Ordering::Relaxed);
+        let agreed = c.agreed.load(Ordering::Relaxed);
+        let l = labels(&c.loaded);
+        let _ = writeln!(
+            out,
+            "edge_agent_shadow_rows_total{{{l},outcome=\"agreed\"}} {agreed}"
+        );
+        let _ = writeln!(
+            out,
+            "edge_agent_shadow_rows_total{{{l},outcome=\"disagreed\"}} {}",
+            compared.saturating_sub(agreed)
+        );
+    }
+    header(
+        &mut out,
+        "edge_agent_shadow_skipped_total",
+        "counter",
+        "Requests not shadowed because the shadow was busy.",
+    );
+    for c in &candidates {
+        let _ = writeln!(
+            out,
+            "edge_agent_shadow_skipped_total{{{}}} {}",
+            labels(&c.loaded),
+            c.skipped.load(Ordering::Relaxed)
         );
     }
 

@@ -393,33 +393,157 @@ fn row_error(row: usize, e: InputError) -> RowError {
     }
 }
 
+/// How a candidate version takes part in traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateMode {
+    /// Runs on the same inputs as the active version; its outputs are only compared.
+    Shadow,
+    /// Serves this percentage of requests, chosen by a sticky key.
+    Split(u8),
+}
+
+/// A candidate version next to the active one, with its comparison counters.
+#[derive(Debug)]
+pub struct Candidate {
+    pub loaded: Arc<Loaded>,
+    pub mode: CandidateMode,
+    /// Shadow: rows compared with the active version's outputs, and those that agreed.
+    pub compared: AtomicU64,
+    pub agreed: AtomicU64,
+    /// Shadow: comparisons skipped because the shadow was still busy.
+    pub skipped: AtomicU64,
+    busy: AtomicU64,
+}
+
+impl Candidate {
+    pub fn new(loaded: Arc<Loaded>, mode: CandidateMode) -> Candidate {
+        Candidate {
+            loaded,
+            mode,
+            compared: AtomicU64::new(0),
+            agreed: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Most shadow comparisons running at once; more are skipped (and counted).
+const MAX_SHADOW_IN_FLIGHT: u64 = 4;
+
+/// One model: its active version and an optional candidate.
+#[derive(Debug, Clone)]
+struct Entry {
+    active: Arc<Loaded>,
+    candidate: Option<Arc<Candidate>>,
+}
+
+/// FNV-1a: a stable hash for sticky routing keys.
+fn sticky_bucket(key: &str) -> u8 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % 100) as u8
+}
+
 /// The active version of every model, swapped atomically.
 #[derive(Debug, Default)]
 pub struct Registry {
-    models: RwLock<BTreeMap<String, Arc<Loaded>>>,
+    models: RwLock<BTreeMap<String, Entry>>,
+    unkeyed: AtomicU64,
 }
 
 impl Registry {
     /// The active version of `name`.
     pub fn get(&self, name: &str) -> Option<Arc<Loaded>> {
-        self.models.read().ok()?.get(name).cloned()
+        self.models.read().ok()?.get(name).map(|e| e.active.clone())
+    }
+
+    /// The candidate of `name`, if any.
+    pub fn candidate(&self, name: &str) -> Option<Arc<Candidate>> {
+        self.models.read().ok()?.get(name)?.candidate.clone()
+    }
+
+    /// The version that serves a request of `name` with sticky `key`: the split candidate
+    /// for its share of keys (requests without a key are spread round-robin), else the
+    /// active version.
+    pub fn route(&self, name: &str, key: Option<&str>) -> Option<Arc<Loaded>> {
+        let m = self.models.read().ok()?;
+        let e = m.get(name)?;
+        if let Some(c) = &e.candidate {
+            if let CandidateMode::Split(pct) = c.mode {
+                let bucket = match key {
+                    Some(k) => sticky_bucket(k),
+                    None => (self.unkeyed.fetch_add(1, Ordering::Relaxed) % 100) as u8,
+                };
+                if bucket < pct {
+                    return Some(c.loaded.clone());
+                }
+            }
+        }
+        Some(e.active.clone())
     }
 
     /// Every active version, by name.
     pub fn all(&self) -> Vec<Arc<Loaded>> {
         self.models
             .read()
-            .map(|m| m.values().cloned().collect())
+            .map(|m| m.values().map(|e| e.active.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every candidate, by model name.
+    pub fn candidates(&self) -> Vec<Arc<Candidate>> {
+        self.models
+            .read()
+            .map(|m| m.values().filter_map(|e| e.candidate.clone()).collect())
             .unwrap_or_default()
     }
 
     /// Makes `loaded` the active version of its model; returns the one it replaced, which
-    /// finishes the requests already holding it.
+    /// finishes the requests already holding it. A candidate of the same release is dropped.
     pub fn activate(&self, loaded: Arc<Loaded>) -> Option<Arc<Loaded>> {
-        match self.models.write() {
-            Ok(mut m) => m.insert(loaded.name.clone(), loaded),
-            Err(_) => None,
+        let mut m = self.models.write().ok()?;
+        let candidate = m
+            .get(&loaded.name)
+            .and_then(|e| e.candidate.clone())
+            .filter(|c| c.loaded.release != loaded.release);
+        m.insert(
+            loaded.name.clone(),
+            Entry {
+                active: loaded,
+                candidate,
+            },
+        )
+        .map(|e| e.active)
+    }
+
+    /// Sets (or clears) the candidate of `name`.
+    pub fn set_candidate(&self, name: &str, candidate: Option<Candidate>) {
+        if let Ok(mut m) = self.models.write() {
+            if let Some(e) = m.get_mut(name) {
+                e.candidate = candidate.map(Arc::new);
+            }
         }
+    }
+
+    /// Scores `rows` with the active version of `name` (or its split candidate for `key`),
+    /// then lets a shadow candidate score the same rows off the request path.
+    pub fn predict_routed(
+        &self,
+        name: &str,
+        rows: &[Map<String, Value>],
+        allow_missing: bool,
+        key: Option<&str>,
+    ) -> Result<Prediction, PredictError> {
+        let loaded = self
+            .route(name, key)
+            .ok_or_else(|| PredictError::UnknownModel(name.to_string()))?;
+        let p = predict_with(loaded, rows, allow_missing)?;
+        self.shadow(name, rows, &p);
+        Ok(p)
     }
 
     /// Scores `rows` with the active version of `name`.
@@ -429,10 +553,51 @@ impl Registry {
         rows: &[Map<String, Value>],
         allow_missing: bool,
     ) -> Result<Prediction, PredictError> {
-        let loaded = self
-            .get(name)
-            .ok_or_else(|| PredictError::UnknownModel(name.to_string()))?;
-        predict_with(loaded, rows, allow_missing)
+        self.predict_routed(name, rows, allow_missing, None)
+    }
+
+    /// Runs a shadow candidate on `rows` in the background and compares with `served`
+    /// (floats within the bundle's golden tolerance). Skipped when the shadow is busy.
+    pub fn shadow(&self, name: &str, rows: &[Map<String, Value>], served: &Prediction) {
+        let Some(c) = self.candidate(name) else {
+            return;
+        };
+        if c.mode != CandidateMode::Shadow || served.loaded.release == c.loaded.release {
+            return;
+        }
+        if c.busy.fetch_add(1, Ordering::AcqRel) >= MAX_SHADOW_IN_FLIGHT {
+            c.busy.fetch_sub(1, Ordering::AcqRel);
+            c.skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let rows = rows.to_vec();
+        let expected = served.outputs.clone();
+        let job = move || {
+            if let Ok(p) = predict_with(c.loaded.clone(), &rows, true) {
+                let g = &c.loaded.manifest.golden;
+                for (e, a) in expected.iter().zip(&p.outputs) {
+                    c.compared.fetch_add(1, Ordering::Relaxed);
+                    let same = shared::bundle::golden::compare(
+                        &Value::Object(e.clone()),
+                        &Value::Object(a.clone()),
+                        g.rtol,
+                        g.atol,
+                        "shadow",
+                    )
+                    .is_ok();
+                    if same {
+                        c.agreed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            c.busy.fetch_sub(1, Ordering::AcqRel);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(job);
+            }
+            Err(_) => job(),
+        }
     }
 }
 
@@ -560,6 +725,46 @@ mod tests {
         let l = reg.get("m").unwrap();
         assert_eq!(l.counters.ok.load(Ordering::Relaxed), 1);
         assert_eq!(l.counters.invalid.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn split_is_sticky_and_shadow_compares() {
+        let reg = Registry::default();
+        reg.activate(loaded());
+        let mut second = Loaded::new(
+            shared::bundle::testing::manifest("m", &[]),
+            reg.get("m").unwrap().model.clone(),
+        );
+        second.release = 9;
+        let second = Arc::new(second);
+        reg.set_candidate(
+            "m",
+            Some(Candidate::new(second.clone(), CandidateMode::Split(30))),
+        );
+        let mut to_candidate = 0;
+        for k in 0..1000 {
+            let key = format!("machine-{k}");
+            let a = reg.route("m", Some(&key)).unwrap().release;
+            assert_eq!(a, reg.route("m", Some(&key)).unwrap().release, "sticky");
+            to_candidate += usize::from(a == 9);
+        }
+        assert!((250..350).contains(&to_candidate), "{to_candidate} of 1000");
+        reg.set_candidate("m", Some(Candidate::new(second, CandidateMode::Shadow)));
+        for _ in 0..5 {
+            let p = reg
+                .predict("m", &[row(1.0.into(), 2.0.into())], false)
+                .unwrap();
+            assert_ne!(p.loaded.release, 9, "a shadow never serves");
+        }
+        let c = reg.candidate("m").unwrap();
+        assert_eq!(
+            c.compared.load(Ordering::Relaxed) + c.skipped.load(Ordering::Relaxed),
+            5
+        );
+        assert_eq!(
+            c.agreed.load(Ordering::Relaxed),
+            c.compared.load(Ordering::Relaxed)
+        );
     }
 
     #[test]

@@ -13,8 +13,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::runtime::{judge, Health, HealthPolicy, Loaded, Registry};
-use crate::store::{Store, StoreConfig, StoreError};
+use crate::runtime::{judge, Candidate, CandidateMode, Health, HealthPolicy, Loaded, Registry};
+use crate::store::{InstallMode, Store, StoreConfig, StoreError};
 
 /// How long in-flight requests get to finish after a shutdown request.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -86,20 +86,65 @@ impl Ctx {
         Ok(Arc::new(l))
     }
 
+    fn store(&self) -> Result<std::sync::MutexGuard<'_, Store>, StoreError> {
+        self.store.lock().map_err(|_| StoreError::Io {
+            path: "store".into(),
+            message: "lock poisoned".into(),
+        })
+    }
+
+    /// Loads the candidate of `name` (if any) into the registry.
+    fn load_candidate(&self, name: &str) -> Result<(), StoreError> {
+        let c = self.store()?.load_candidate(name)?;
+        let candidate = c.map(|(rec, manifest, model)| {
+            let mode = if rec.mode == "split" {
+                CandidateMode::Split(rec.percent)
+            } else {
+                CandidateMode::Shadow
+            };
+            Candidate::new(Arc::new(Loaded::new(manifest, model)), mode)
+        });
+        self.state.registry.set_candidate(name, candidate);
+        Ok(())
+    }
+
     /// Installs a bundle and activates it in the registry.
     fn install(&self, path: &Path, source: &str) -> Result<String, StoreError> {
-        let report = {
-            let store = self.store.lock().map_err(|_| StoreError::Io {
-                path: "store".into(),
-                message: "lock poisoned".into(),
-            })?;
-            store.install(path, source)
-        };
+        self.install_as(path, source, InstallMode::Activate)
+    }
+
+    /// Installs a bundle as the active version or as a shadow/split candidate.
+    fn install_as(
+        &self,
+        path: &Path,
+        source: &str,
+        mode: InstallMode,
+    ) -> Result<String, StoreError> {
+        let report = self.store()?.install_as(path, source, mode);
         match report {
+            Ok(r) if mode != InstallMode::Activate => {
+                self.load_candidate(&r.name)?;
+                self.state
+                    .lifecycle
+                    .installs
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(model = %r.name, release = r.release, source, ?mode, "installed as a candidate");
+                Ok(format!(
+                    "installed {} release {} as {}",
+                    r.name,
+                    r.release,
+                    match mode {
+                        InstallMode::Shadow => "a shadow".to_string(),
+                        InstallMode::Split(p) => format!("a {p}% split"),
+                        InstallMode::Activate => String::new(),
+                    }
+                ))
+            }
             Ok(r) => {
                 let baseline = self.previous_p99(&r.name);
                 let loaded = self.load(&r.name, baseline)?;
                 self.state.registry.activate(loaded);
+                self.state.registry.set_candidate(&r.name, None);
                 self.state
                     .lifecycle
                     .installs
@@ -199,6 +244,13 @@ impl Ctx {
     }
 }
 
+fn admin_kind(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::UnknownModel(_) | StoreError::NoPrevious(_) => "usage",
+        other => reason_key(other),
+    }
+}
+
 fn health_reason_key(reason: &str) -> &'static str {
     if reason.contains("NaN") {
         "nan"
@@ -280,6 +332,9 @@ pub async fn run(
         match ctx.load(&s.name, baseline) {
             Ok(l) => {
                 registry.activate(l);
+                if let Err(e) = ctx.load_candidate(&s.name) {
+                    tracing::error!(model = %s.name, error = %e, "candidate does not load; ignored");
+                }
             }
             Err(e) => {
                 tracing::error!(model = %s.name, error = %e, "active version does not load; rolling back");
@@ -414,21 +469,60 @@ async fn admin_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) -> std::io::R
     let mut r = BufReader::new(r).take(MAX_ADMIN_LINE as u64);
     r.read_line(&mut line).await?;
     let req: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-    let resp = match (req["op"].as_str(), req["path"].as_str()) {
-        (Some("install"), Some(path)) => {
-            let p = PathBuf::from(path);
-            let c = ctx.clone();
-            match tokio::task::spawn_blocking(move || c.install(&p, "admin socket")).await {
-                Ok(Ok(msg)) => serde_json::json!({"ok": true, "message": msg}),
-                Ok(Err(e)) => {
-                    serde_json::json!({"ok": false, "error": e.to_string(), "kind": reason_key(&e)})
-                }
-                Err(e) => serde_json::json!({"ok": false, "error": e.to_string(), "kind": "io"}),
+    let c = ctx.clone();
+    let job = move || -> Result<String, StoreError> {
+        let model = req["model"].as_str().unwrap_or_default().to_string();
+        match req["op"].as_str() {
+            Some("install") => {
+                let path = PathBuf::from(req["path"].as_str().unwrap_or_default());
+                let mode = match (req["mode"].as_str(), req["percent"].as_u64()) {
+                    (Some("shadow"), _) => InstallMode::Shadow,
+                    (Some("split"), Some(p)) => InstallMode::Split(p.min(255) as u8),
+                    _ => InstallMode::Activate,
+                };
+                c.install_as(&path, "admin socket", mode)
             }
+            Some("rollback") => {
+                let reason = req["reason"]
+                    .as_str()
+                    .unwrap_or("operator request")
+                    .to_string();
+                let st = c.store()?.rollback(&model, &reason)?;
+                let l = c.load(&model, None)?;
+                c.state.registry.activate(l);
+                bump(&c.state.lifecycle.rollbacks, "operator");
+                Ok(format!(
+                    "{model}: release {} active again",
+                    st.active.release
+                ))
+            }
+            Some("promote") => {
+                let st = c.store()?.promote(&model)?;
+                let baseline = st.previous.as_ref().map(|p| p.latency_p99_us.max(1));
+                let l = c.load(&model, baseline)?;
+                c.state.registry.activate(l);
+                c.state.registry.set_candidate(&model, None);
+                Ok(format!(
+                    "{model}: release {} promoted to active",
+                    st.active.release
+                ))
+            }
+            Some("drop") => {
+                c.store()?.drop_candidate(&model)?;
+                c.state.registry.set_candidate(&model, None);
+                Ok(format!("{model}: candidate removed"))
+            }
+            _ => Err(StoreError::Rejected(
+                "expected {\"op\": \"install\"|\"rollback\"|\"promote\"|\"drop\", ...}".into(),
+            )),
         }
-        _ => {
-            serde_json::json!({"ok": false, "error": "expected {\"op\":\"install\",\"path\":...}", "kind": "usage"})
+    };
+    let resp = match tokio::task::spawn_blocking(job).await {
+        Ok(Ok(msg)) => serde_json::json!({"ok": true, "message": msg}),
+        Ok(Err(e)) => {
+            serde_json::json!({"ok": false, "error": e.to_string(), "kind": admin_kind(&e)})
         }
+        Err(e) => serde_json::json!({"ok": false, "error": e.to_string(), "kind": "io"}),
     };
     w.write_all(format!("{resp}\n").as_bytes()).await?;
     Ok(())

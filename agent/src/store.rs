@@ -104,6 +104,32 @@ pub struct ModelState {
     pub activated_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rollback: Option<RollbackRecord>,
+    /// A version installed beside the active one, as a shadow or a traffic split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<CandidateRecord>,
+}
+
+/// A candidate version (wire type inside `state.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CandidateRecord {
+    /// `shadow` or `split`.
+    pub mode: String,
+    /// Split: the share of requests (by sticky key) it serves.
+    #[serde(default)]
+    pub percent: u8,
+    pub version: VersionRecord,
+}
+
+/// How an install takes part in traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstallMode {
+    /// Becomes the active version (after validation), with a health window.
+    Activate,
+    /// Runs beside the active version on the same inputs; outputs only compared.
+    Shadow,
+    /// Serves this percentage of requests beside the active version.
+    Split(u8),
 }
 
 /// What an install did.
@@ -313,6 +339,7 @@ impl Store {
                 .flat_map(|s| {
                     std::iter::once(s.active.dir.clone())
                         .chain(s.previous.as_ref().map(|p| p.dir.clone()))
+                        .chain(s.candidate.as_ref().map(|c| c.version.dir.clone()))
                 })
                 .collect();
             for v in std::fs::read_dir(&dir).map_err(io(&dir))? {
@@ -365,14 +392,29 @@ impl Store {
     /// Runs the install pipeline on `bundle`; `source` names where it came from (a path,
     /// `inbox`, `fleet`). On any failure nothing changes but the event log.
     pub fn install(&self, bundle_path: &Path, source: &str) -> Result<InstallReport, StoreError> {
-        let result = self.install_inner(bundle_path, source);
+        self.install_as(bundle_path, source, InstallMode::Activate)
+    }
+
+    /// [`Store::install`] as a shadow or split candidate, or as the active version.
+    pub fn install_as(
+        &self,
+        bundle_path: &Path,
+        source: &str,
+        mode: InstallMode,
+    ) -> Result<InstallReport, StoreError> {
+        let result = self.install_inner(bundle_path, source, mode);
         if let Err(e) = &result {
             self.event("", "install_rejected", serde_json::json!({"bundle": bundle_path.display().to_string(), "source": source, "reason": e.to_string()}));
         }
         result
     }
 
-    fn install_inner(&self, bundle_path: &Path, source: &str) -> Result<InstallReport, StoreError> {
+    fn install_inner(
+        &self,
+        bundle_path: &Path,
+        source: &str,
+        mode: InstallMode,
+    ) -> Result<InstallReport, StoreError> {
         let staging_parent = self.root.join("staging");
         let verified = bundle::verify(
             bundle_path,
@@ -410,6 +452,17 @@ impl Store {
             }
         }
         let current = read_state(&self.model_dir(&m.name).join("state.json"))?;
+        if mode != InstallMode::Activate && current.is_none() {
+            return Err(StoreError::Rejected(format!(
+                "{:?} has no active version to run a shadow or split beside; install it normally first",
+                m.name
+            )));
+        }
+        if let InstallMode::Split(p) = mode {
+            if p == 0 || p > 100 {
+                return Err(StoreError::Rejected(format!("split {p}%: use 1 to 100")));
+            }
+        }
         if let Some(cur) = &current {
             if cur.active.release == m.release && cur.active.model_sha256 == sha_of(&m) {
                 return Err(StoreError::Rejected(format!(
@@ -498,19 +551,44 @@ impl Store {
             memory_kib,
         };
         let replaced = current.as_ref().map(|c| c.active.release);
-        let state = ModelState {
-            format: STATE_FORMAT,
-            name: m.name.clone(),
-            active: record,
-            previous: current.map(|c| c.active),
-            phase: "health_window".into(),
-            activated_at: now(),
-            last_rollback: None,
+        let state = match (mode, current) {
+            (InstallMode::Activate, current) => ModelState {
+                format: STATE_FORMAT,
+                name: m.name.clone(),
+                active: record,
+                previous: current.map(|c| c.active),
+                phase: "health_window".into(),
+                activated_at: now(),
+                last_rollback: None,
+                candidate: None,
+            },
+            (InstallMode::Shadow | InstallMode::Split(_), Some(mut cur)) => {
+                cur.candidate = Some(CandidateRecord {
+                    mode: if mode == InstallMode::Shadow {
+                        "shadow"
+                    } else {
+                        "split"
+                    }
+                    .into(),
+                    percent: match mode {
+                        InstallMode::Split(p) => p,
+                        _ => 0,
+                    },
+                    version: record,
+                });
+                cur
+            }
+            (_, None) => return Err(StoreError::Rejected("no active version".into())),
         };
         self.write_state(&state)?;
+        let what = match mode {
+            InstallMode::Activate => "activated",
+            InstallMode::Shadow => "shadow_started",
+            InstallMode::Split(_) => "split_started",
+        };
         self.event(
             &m.name,
-            "activated",
+            what,
             serde_json::json!({"release": m.release, "replaced": replaced}),
         );
         fault_point(Step::Activated);
@@ -541,8 +619,12 @@ impl Store {
         for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
             let e = e.map_err(io(&dir))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            let keep =
-                name == state.active.dir || state.previous.as_ref().is_some_and(|p| p.dir == name);
+            let keep = name == state.active.dir
+                || state.previous.as_ref().is_some_and(|p| p.dir == name)
+                || state
+                    .candidate
+                    .as_ref()
+                    .is_some_and(|c| c.version.dir == name);
             if e.path().is_dir() && !keep {
                 std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
             }
@@ -573,6 +655,7 @@ impl Store {
             previous: Some(cur.active),
             phase: "committed".into(),
             activated_at: now(),
+            candidate: cur.candidate,
         };
         self.write_state(&state)?;
         self.event(name, "rolled_back", serde_json::json!({"from": state.previous.as_ref().map(|p| p.release), "to": state.active.release, "reason": reason}));
@@ -597,11 +680,84 @@ impl Store {
 
     /// Loads the active version of `name`, checking the model file against its record.
     pub fn load_active(&self, name: &str) -> Result<(Manifest, Model), StoreError> {
-        let dir = self.model_dir(name);
-        let Some(state) = read_state(&dir.join("state.json"))? else {
+        let Some(state) = read_state(&self.model_dir(name).join("state.json"))? else {
             return Err(StoreError::UnknownModel(name.to_string()));
         };
-        let vdir = dir.join(&state.active.dir);
+        self.load_version(name, &state.active)
+    }
+
+    /// Loads the candidate of `name`, if it has one.
+    pub fn load_candidate(
+        &self,
+        name: &str,
+    ) -> Result<Option<(CandidateRecord, Manifest, Model)>, StoreError> {
+        let Some(state) = read_state(&self.model_dir(name).join("state.json"))? else {
+            return Err(StoreError::UnknownModel(name.to_string()));
+        };
+        let Some(c) = state.candidate else {
+            return Ok(None);
+        };
+        let (m, model) = self.load_version(name, &c.version)?;
+        Ok(Some((c, m, model)))
+    }
+
+    /// Makes the candidate the active version (with a health window); the active one becomes
+    /// the previous one.
+    pub fn promote(&self, name: &str) -> Result<ModelState, StoreError> {
+        let Some(cur) = read_state(&self.model_dir(name).join("state.json"))? else {
+            return Err(StoreError::UnknownModel(name.to_string()));
+        };
+        let Some(c) = cur.candidate.clone() else {
+            return Err(StoreError::Rejected(format!(
+                "{name:?} has no shadow or split version to promote"
+            )));
+        };
+        let state = ModelState {
+            format: STATE_FORMAT,
+            name: name.to_string(),
+            active: c.version,
+            previous: Some(cur.active),
+            phase: "health_window".into(),
+            activated_at: now(),
+            last_rollback: None,
+            candidate: None,
+        };
+        self.write_state(&state)?;
+        self.event(
+            name,
+            "promoted",
+            serde_json::json!({"release": state.active.release}),
+        );
+        self.gc(&state)?;
+        Ok(state)
+    }
+
+    /// Removes the candidate of `name`.
+    pub fn drop_candidate(&self, name: &str) -> Result<ModelState, StoreError> {
+        let Some(mut cur) = read_state(&self.model_dir(name).join("state.json"))? else {
+            return Err(StoreError::UnknownModel(name.to_string()));
+        };
+        let Some(c) = cur.candidate.take() else {
+            return Err(StoreError::Rejected(format!(
+                "{name:?} has no shadow or split version"
+            )));
+        };
+        self.write_state(&cur)?;
+        self.event(
+            name,
+            "candidate_dropped",
+            serde_json::json!({"release": c.version.release}),
+        );
+        self.gc(&cur)?;
+        Ok(cur)
+    }
+
+    fn load_version(
+        &self,
+        name: &str,
+        rec: &VersionRecord,
+    ) -> Result<(Manifest, Model), StoreError> {
+        let vdir = self.model_dir(name).join(&rec.dir);
         let mpath = vdir.join(bundle::MANIFEST_NAME);
         let bytes = std::fs::read(&mpath).map_err(io(&mpath))?;
         let manifest = Manifest::parse(&bytes).map_err(|e| StoreError::Corrupt {
@@ -613,13 +769,10 @@ impl Store {
             path: model_path.display().to_string(),
             message: e.to_string(),
         })?;
-        if sha != state.active.model_sha256 {
+        if sha != rec.model_sha256 {
             return Err(StoreError::Corrupt {
                 path: model_path.display().to_string(),
-                message: format!(
-                    "sha256 is {sha}, installed as {}",
-                    state.active.model_sha256
-                ),
+                message: format!("sha256 is {sha}, installed as {}", rec.model_sha256),
             });
         }
         let model = Model::load(&model_path).map_err(|e| StoreError::Corrupt {

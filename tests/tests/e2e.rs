@@ -1,5 +1,7 @@
 //! End-to-end tests: the real `edge-agent` and `fleetctl` binaries on real files.
 
+#[path = "e2e/candidates.rs"]
+mod candidates;
 #[path = "e2e/fleetctl.rs"]
 mod fleetctl;
 #[path = "e2e/http.rs"]

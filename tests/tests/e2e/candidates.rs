@@ -1,0 +1,283 @@
+//! Shadow and split versions beside the active one, promotion, and `/metrics` checked by
+//! promtool.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use e2e_tests::{bin, free_port, http, pdm, scratch, wait_until, ChildGuard};
+use serde_json::{json, Value};
+
+const PDM: [&str; 6] = [
+    "air_temperature_k",
+    "process_temperature_k",
+    "rotational_speed_rpm",
+    "torque_nm",
+    "tool_wear_min",
+    "vibration_rms_mm_s",
+];
+
+fn run(dir: &Path, program: &str, args: &[&str]) -> String {
+    let out = Command::new(bin(program))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn bundle(dir: &Path, model: &Path, release: &str, out: &str) {
+    let reference = pdm().join("reference.csv");
+    run(
+        dir,
+        "fleetctl",
+        &[
+            "bundle",
+            "build",
+            "--model",
+            model.to_str().unwrap(),
+            "--name",
+            "pdm-failure",
+            "--version",
+            &format!("{release}.0"),
+            "--release",
+            release,
+            "--key",
+            "root.key",
+            "--reference",
+            reference.to_str().unwrap(),
+            "--out",
+            out,
+        ],
+    );
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+#[test]
+fn shadow_split_promote_and_metrics() {
+    let tmp = scratch();
+    let d = tmp.path();
+    run(d, "fleetctl", &["keygen", "--out", "root"]);
+    let model = pdm().join("model.onnx");
+    std::fs::write(
+        d.join("scale.onnx"),
+        shared::engine::testing::scaler_model(6, Some(&PDM)),
+    )
+    .unwrap();
+    bundle(d, &model, "1", "r1.bundle");
+    bundle(d, &model, "2", "r2.bundle");
+    bundle(d, &d.join("scale.onnx"), "3", "r3.bundle");
+    run(
+        d,
+        "edge-agent",
+        &[
+            "bundle",
+            "install",
+            "r1.bundle",
+            "--state-dir",
+            "state",
+            "--trust-root",
+            "root.pub",
+        ],
+    );
+    let port = free_port();
+    let _agent = ChildGuard(
+        Command::new(bin("edge-agent"))
+            .current_dir(d)
+            .args([
+                "run",
+                "--state-dir",
+                "state",
+                "--trust-root",
+                "root.pub",
+                "--http-listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(20), || http(
+        port,
+        "GET",
+        "/v2/health/ready",
+        &[],
+        b""
+    )
+    .is_ok_and(|r| r.0 == 200)));
+    let holdout = std::fs::read_to_string(pdm().join("holdout.csv")).unwrap();
+    let rows: Vec<Value> = holdout
+        .lines()
+        .skip(1)
+        .take(50)
+        .map(|l| {
+            let v: Vec<f64> = l.split(',').take(6).map(|x| x.parse().unwrap()).collect();
+            Value::Object(
+                PDM.iter()
+                    .zip(v)
+                    .map(|(k, x)| (k.to_string(), json!(x)))
+                    .collect(),
+            )
+        })
+        .collect();
+    let predict = |row: &Value, key: Option<&str>| -> Value {
+        let body = json!({"instances": [row]}).to_string();
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(k) = key {
+            headers.push(("X-Routing-Key", k));
+        }
+        let (code, text) = http(
+            port,
+            "POST",
+            "/v1/models/pdm-failure:predict",
+            &headers,
+            body.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(code, 200, "{text}");
+        serde_json::from_str(&text).unwrap()
+    };
+
+    // a shadow of the same model: never serves, agrees on every row
+    let out = run(
+        d,
+        "edge-agent",
+        &[
+            "bundle",
+            "install",
+            "r2.bundle",
+            "--shadow",
+            "--state-dir",
+            "state",
+        ],
+    );
+    assert!(out.contains("as a shadow"), "{out}");
+    for r in &rows {
+        assert_eq!(predict(r, None)["release"], 1);
+    }
+    let scrape = || http(port, "GET", "/metrics", &[], b"").unwrap().1;
+    assert!(wait_until(Duration::from_secs(10), || {
+        let m = scrape();
+        metric(
+            &m,
+            "edge_agent_shadow_rows_total{model=\"pdm-failure\",release=\"2\",outcome=\"agreed\"}",
+        ) + metric(
+            &m,
+            "edge_agent_shadow_skipped_total{model=\"pdm-failure\",release=\"2\"}",
+        ) >= 50.0
+    }));
+    let m = scrape();
+    assert_eq!(metric(&m, "edge_agent_shadow_rows_total{model=\"pdm-failure\",release=\"2\",outcome=\"disagreed\"}"), 0.0);
+    let st: Value = serde_json::from_str(&run(
+        d,
+        "edge-agent",
+        &["status", "--json", "--state-dir", "state"],
+    ))
+    .unwrap();
+    assert_eq!(st["models"][0]["candidate"]["mode"], "shadow");
+    run(
+        d,
+        "edge-agent",
+        &["drop-candidate", "pdm-failure", "--state-dir", "state"],
+    );
+
+    // a 50% split of another model, sticky by routing key
+    let out = run(
+        d,
+        "edge-agent",
+        &[
+            "bundle",
+            "install",
+            "r3.bundle",
+            "--split",
+            "50",
+            "--state-dir",
+            "state",
+        ],
+    );
+    assert!(out.contains("50% split"), "{out}");
+    let mut served = std::collections::BTreeMap::new();
+    for k in 0..40 {
+        let key = format!("machine-{k}");
+        let a = predict(&rows[0], Some(&key))["release"].as_u64().unwrap();
+        let b = predict(&rows[1], Some(&key))["release"].as_u64().unwrap();
+        assert_eq!(a, b, "key {key} moved between versions");
+        *served.entry(a).or_insert(0) += 1;
+    }
+    assert!(
+        served.get(&1).copied().unwrap_or(0) > 5 && served.get(&3).copied().unwrap_or(0) > 5,
+        "{served:?}"
+    );
+
+    // promote: release 3 active, 1 previous, candidate gone
+    let out = run(
+        d,
+        "edge-agent",
+        &["promote", "pdm-failure", "--state-dir", "state"],
+    );
+    assert!(out.contains("promoted"), "{out}");
+    let st: Value = serde_json::from_str(&run(
+        d,
+        "edge-agent",
+        &["status", "--json", "--state-dir", "state"],
+    ))
+    .unwrap();
+    assert_eq!(st["models"][0]["active"]["release"], 3);
+    assert_eq!(st["models"][0]["previous"]["release"], 1);
+    assert!(st["models"][0]["candidate"].is_null());
+    assert_eq!(predict(&rows[0], Some("machine-1"))["release"], 3);
+
+    // /metrics is valid Prometheus text
+    let text = scrape();
+    for family in [
+        "edge_agent_requests_total",
+        "edge_agent_row_latency_seconds_bucket",
+        "edge_agent_feature_value_bucket",
+        "edge_agent_prediction_score_bucket",
+        "edge_agent_model_info",
+        "edge_agent_installs_total",
+    ] {
+        assert!(text.contains(family), "{family} missing");
+    }
+    if Command::new("promtool").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("E2E_REQUIRE_TOOLS").is_none(),
+            "promtool is required (E2E_REQUIRE_TOOLS is set)"
+        );
+        eprintln!("SKIPPED promtool check metrics: promtool not installed");
+        return;
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
