@@ -279,17 +279,34 @@ pub fn status(args: &StateArgs, json: bool) -> i32 {
             return exit_code(&e);
         }
     };
+    let events = recent_events(&cfg.state_dir, 20);
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "models": states }))
-                .unwrap_or_default()
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "models": states, "events": events })
+            )
+            .unwrap_or_default()
         );
         return 0;
     }
     if states.is_empty() {
         println!("no models installed in {}", cfg.state_dir.display());
     }
+    let print_events = |events: &[serde_json::Value]| {
+        if !events.is_empty() {
+            println!("recent events:");
+        }
+        for e in events {
+            println!(
+                "  {} {} {} {}",
+                e["at"].as_str().unwrap_or(""),
+                e["model"].as_str().unwrap_or(""),
+                e["event"].as_str().unwrap_or(""),
+                e["detail"]
+            );
+        }
+    };
     for s in states {
         println!(
             "{}: release {} ({}) {} since {}{}",
@@ -322,7 +339,32 @@ pub fn status(args: &StateArgs, json: bool) -> i32 {
             );
         }
     }
+    print_events(&events);
     0
+}
+
+/// The last `n` install-pipeline events (from the end of `events.jsonl`, at most 64 KiB read).
+fn recent_events(state_dir: &Path, n: usize) -> Vec<serde_json::Value> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(state_dir.join("events.jsonl")) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(64 * 1024);
+    let mut buf = String::new();
+    if f.seek(SeekFrom::Start(start)).is_err()
+        || f.take(64 * 1024).read_to_string(&mut buf).is_err()
+    {
+        return Vec::new();
+    }
+    let mut lines: Vec<serde_json::Value> = buf
+        .lines()
+        .skip(usize::from(start > 0))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let skip = lines.len().saturating_sub(n);
+    lines.drain(..skip);
+    lines
 }
 
 /// `edge-agent rollback MODEL`.

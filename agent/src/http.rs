@@ -205,11 +205,32 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     .flavor(Flavor::of(uri.path()))
 }
 
-/// Runs `f` on the blocking pool.
+/// Most inference requests running or queued on the blocking pool at once; beyond it,
+/// requests get 503 with `Retry-After` instead of an unbounded queue.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+fn in_flight() -> &'static Arc<tokio::sync::Semaphore> {
+    static SEM: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    SEM.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)))
+}
+
+/// Runs `f` on the blocking pool (bounded by [`MAX_IN_FLIGHT`]).
 async fn blocking<T: Send + 'static>(
     flavor: Flavor,
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
+    let Ok(permit) = in_flight().clone().try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("busy: {MAX_IN_FLIGHT} requests in flight; retry shortly"),
+        )
+        .flavor(flavor));
+    };
+    let f = move || {
+        let r = f();
+        drop(permit);
+        r
+    };
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "request task failed");
         Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "request task failed").flavor(flavor))

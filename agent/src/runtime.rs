@@ -316,13 +316,29 @@ fn non_finite(v: &Value) -> bool {
     }
 }
 
-/// Checks rows against the bundle's schema before the engine sees them: every value finite.
-fn check_finite(row: usize, obj: &Map<String, Value>) -> Result<(), RowError> {
+/// Whether the value under `key` feeds a numeric input of `model`.
+fn numeric_key(model: &Model, key: &str) -> bool {
+    let inputs = model.inputs();
+    match inputs.iter().find(|i| i.name == key) {
+        Some(i) => i.map_value.is_none() && i.elem.is_numeric(),
+        None => inputs.len() == 1 && inputs[0].elem.is_numeric(),
+    }
+}
+
+/// Checks rows before the engine sees them: no missing values, and numbers (not strings such
+/// as "" or "NaN", which the engine would read as NaN) for numeric inputs.
+fn check_finite(model: &Model, row: usize, obj: &Map<String, Value>) -> Result<(), RowError> {
     for (k, v) in obj {
+        let numeric = numeric_key(model, k);
+        let is_text = |x: &Value| numeric && x.is_string();
         let bad = match v {
-            Value::Null => Some("is null (a missing value)"),
+            Value::Null => Some("is null (a missing value)".to_string()),
             Value::Array(a) if a.iter().any(|x| x.is_null()) => {
-                Some("holds null (a missing value)")
+                Some("holds null (a missing value)".to_string())
+            }
+            Value::String(t) if numeric => Some(format!("{t:?} is a string; expected a number")),
+            Value::Array(a) if a.iter().any(is_text) => {
+                Some("holds a string; expected numbers".to_string())
             }
             _ => None,
         };
@@ -330,7 +346,7 @@ fn check_finite(row: usize, obj: &Map<String, Value>) -> Result<(), RowError> {
             return Err(RowError {
                 row,
                 field: Some(k.clone()),
-                message: m.into(),
+                message: m,
             });
         }
     }
@@ -349,7 +365,7 @@ pub fn predict_with(
     let mut b = loaded.model.batch_builder();
     for (i, row) in rows.iter().enumerate() {
         if !allow_missing {
-            if let Err(e) = check_finite(i, row) {
+            if let Err(e) = check_finite(&loaded.model, i, row) {
                 c.invalid.fetch_add(1, Ordering::Relaxed);
                 return Err(PredictError::Invalid(e));
             }
@@ -718,13 +734,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("row 0, field \"a\""), "{err}");
+        let err = reg
+            .predict("m", &[row("NaN".into(), 2.0.into())], false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("row 0, field \"a\": \"NaN\" is a string"),
+            "{err}"
+        );
         assert!(matches!(
             reg.predict("nope", &[], false),
             Err(PredictError::UnknownModel(_))
         ));
         let l = reg.get("m").unwrap();
         assert_eq!(l.counters.ok.load(Ordering::Relaxed), 1);
-        assert_eq!(l.counters.invalid.load(Ordering::Relaxed), 2);
+        assert_eq!(l.counters.invalid.load(Ordering::Relaxed), 3);
     }
 
     #[test]

@@ -40,9 +40,20 @@ fn model(
     outputs: Vec<pb::ValueInfoProto>,
     meta: &[(&str, &str)],
 ) -> Vec<u8> {
+    graph_model(vec![node], Vec::new(), inputs, outputs, meta)
+}
+
+fn graph_model(
+    nodes: Vec<pb::NodeProto>,
+    initializer: Vec<pb::TensorProto>,
+    inputs: Vec<pb::ValueInfoProto>,
+    outputs: Vec<pb::ValueInfoProto>,
+    meta: &[(&str, &str)],
+) -> Vec<u8> {
     let graph = pb::GraphProto {
         name: "test".into(),
-        node: vec![node],
+        node: nodes,
+        initializer,
         input: inputs,
         output: outputs,
         ..Default::default()
@@ -147,4 +158,72 @@ pub fn unary_model(op_type: &str, features: usize, feature_names: Option<&[&str]
         vec![tensor_input("Y", f, &[None, w])],
         &meta,
     )
+}
+
+/// A deliberately slow model with the same interface as [`unary_model`] (`X` [N, features]
+/// -> `Y`): it broadcasts every row `repeat` times and sums the copies back (`Y = repeat * X`),
+/// so each row costs `repeat * features` additions. For latency tests.
+pub fn slow_model(features: usize, feature_names: Option<&[&str]>, repeat: i64) -> Vec<u8> {
+    let int_tensor = |name: &str, v: Vec<i64>| pb::TensorProto {
+        name: name.into(),
+        dims: vec![v.len() as i64],
+        data_type: pb::tensor_proto::DataType::Int64 as i32,
+        int64_data: v,
+        ..Default::default()
+    };
+    let nodes = vec![
+        pb::NodeProto {
+            name: "expand".into(),
+            op_type: "Expand".into(),
+            input: vec!["X".into(), "shape".into()],
+            output: vec!["big".into()],
+            ..Default::default()
+        },
+        pb::NodeProto {
+            name: "sum".into(),
+            op_type: "ReduceSum".into(),
+            input: vec!["big".into(), "axes".into()],
+            output: vec!["Y".into()],
+            attribute: vec![pb::AttributeProto {
+                name: "keepdims".into(),
+                r#type: pb::attribute_proto::AttributeType::Int as i32,
+                i: 0,
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    ];
+    let f = pb::tensor_proto::DataType::Float;
+    let w = Some(features as i64);
+    let names = feature_names.map(|n| serde_json::to_string(n).unwrap_or_default());
+    let meta: Vec<(&str, &str)> = names
+        .as_deref()
+        .map(|n| vec![("feature_names", n)])
+        .unwrap_or_default();
+    graph_model(
+        nodes,
+        vec![
+            int_tensor("shape", vec![repeat, 1, 1]),
+            int_tensor("axes", vec![0]),
+        ],
+        vec![tensor_input("X", f, &[None, w])],
+        vec![tensor_input("Y", f, &[None, w])],
+        &meta,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_model_sums_the_copies() {
+        let m = crate::engine::Model::from_bytes(&slow_model(2, Some(&["a", "b"]), 1000)).unwrap();
+        let mut b = m.batch_builder();
+        let row: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"a": 1.5, "b": -2.0}"#).unwrap();
+        b.push_json(&row, 1).unwrap();
+        let out = m.run(&b.take()).unwrap();
+        assert_eq!(m.render(&out, 0, 0), serde_json::json!([1500.0, -2000.0]));
+    }
 }

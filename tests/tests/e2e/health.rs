@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use e2e_tests::{bin, corpus, free_port, http, pdm, scratch, wait_until, ChildGuard};
+use e2e_tests::{bin, free_port, http, pdm, scratch, wait_until, ChildGuard};
 use serde_json::{json, Value};
 
 const PDM: [&str; 6] = [
@@ -107,26 +107,27 @@ fn nan_and_slow_versions_are_rolled_back_within_their_window() {
         &reference,
         "s2.bundle",
     );
-    // "scorer": release 1 a logistic regression, release 2 a 100-tree random forest on the
-    // same 20 inputs: many times slower per row on this device.
-    let (fast, slow) = (
-        corpus("dev", "logreg_multi_bench"),
-        corpus("dev", "rf_clf_100x10_bench"),
-    );
+    // "scorer": release 1 scales its inputs; release 2 computes the same thing the slow way
+    // (each row broadcast 50,000 times and summed): tens of times slower per row.
+    std::fs::write(
+        d.join("slow.onnx"),
+        shared::engine::testing::slow_model(6, Some(&PDM), 50_000),
+    )
+    .unwrap();
     bundle(
         d,
-        &fast.join("model.onnx"),
+        &d.join("scale.onnx"),
         "scorer",
         "1",
-        &fast.join("input.csv"),
+        &reference,
         "f1.bundle",
     );
     bundle(
         d,
-        &slow.join("model.onnx"),
+        &d.join("slow.onnx"),
         "scorer",
         "2",
-        &fast.join("input.csv"),
+        &reference,
         "f2.bundle",
     );
     for b in ["s1.bundle", "f1.bundle"] {
@@ -193,16 +194,14 @@ fn nan_and_slow_versions_are_rolled_back_within_their_window() {
     for f in PDM {
         sensor_row.insert(f.into(), json!(-1.0));
     }
-    let input = std::fs::read_to_string(fast.join("input.csv")).unwrap();
-    let rows: Vec<Vec<f64>> = input
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
-        .collect();
-    for i in 0..40 {
+    let mut scorer_row = serde_json::Map::new();
+    for f in PDM {
+        scorer_row.insert(f.into(), json!(2.5));
+    }
+    for _ in 0..40 {
         let (code, _) = predict("sensor", Value::Object(sensor_row.clone()));
         assert_eq!(code, 200);
-        let (code, body) = predict("scorer", json!({"X": rows[i % rows.len()]}));
+        let (code, body) = predict("scorer", Value::Object(scorer_row.clone()));
         assert!(code == 200, "{body}");
     }
     assert!(

@@ -402,7 +402,7 @@ fn predict_matches_batch_scoring_and_refuses_bad_requests_by_row_and_field() {
     refuse(
         &|r| r["torque_nm"] = json!("warm"),
         "torque_nm",
-        "\"warm\" is not a number",
+        "\"warm\" is a string; expected a number",
     );
     refuse(&|r| r["torque_nm"] = Value::Null, "torque_nm", "null");
     refuse(&|r| r["torque_nm"] = json!(""), "torque_nm", "empty string");
