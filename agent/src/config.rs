@@ -25,6 +25,33 @@ pub struct Config {
     pub mqtt: Option<Mqtt>,
     pub install: Install,
     pub health: Health,
+    pub inputs: Inputs,
+}
+
+/// How request rows are checked beyond the model's types.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Inputs {
+    /// `off`, or `reject`: refuse numeric feature values outside the bundle's observed
+    /// range widened by `range_margin` of the range on each side.
+    pub range_policy: String,
+    pub range_margin: f64,
+}
+
+impl Default for Inputs {
+    fn default() -> Inputs {
+        Inputs {
+            range_policy: "off".into(),
+            range_margin: 0.1,
+        }
+    }
+}
+
+impl Inputs {
+    /// The margin when the policy rejects out-of-range values.
+    pub fn margin(&self) -> Option<f64> {
+        (self.range_policy == "reject").then_some(self.range_margin)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +140,7 @@ impl Default for Config {
             mqtt: None,
             install: Install::default(),
             health: Health::default(),
+            inputs: Inputs::default(),
         }
     }
 }
@@ -319,6 +347,15 @@ impl Config {
                     p.push(format!("mqtt.inference[{i}].model is empty"));
                 }
             }
+        }
+        if !matches!(self.inputs.range_policy.as_str(), "off" | "reject") {
+            p.push(format!(
+                "inputs.range_policy {:?}: use \"off\" or \"reject\"",
+                self.inputs.range_policy
+            ));
+        }
+        if !(self.inputs.range_margin.is_finite() && self.inputs.range_margin >= 0.0) {
+            p.push("inputs.range_margin must be a non-negative number".into());
         }
         if self.install.max_bundle_bytes == 0 {
             p.push("install.max_bundle_bytes must be positive".into());

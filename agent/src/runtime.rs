@@ -252,6 +252,9 @@ pub struct Loaded {
     pub activated: Instant,
     /// p99 single-row latency of the previous version on this device (install measurement).
     pub baseline_p99_us: Option<u64>,
+    /// Range policy: refuse numeric feature values outside the bundle's observed
+    /// `[min, max]` widened by this share of the range on each side (`None`: no check).
+    pub range_margin: Option<f64>,
 }
 
 impl Loaded {
@@ -267,6 +270,7 @@ impl Loaded {
             counters: Counters::default(),
             activated: Instant::now(),
             baseline_p99_us: None,
+            range_margin: None,
         }
     }
 }
@@ -353,6 +357,34 @@ fn check_finite(model: &Model, row: usize, obj: &Map<String, Value>) -> Result<(
     Ok(())
 }
 
+/// Checks named numeric features against the bundle's observed range (the range policy).
+fn check_range(
+    l: &Loaded,
+    margin: f64,
+    row: usize,
+    obj: &Map<String, Value>,
+) -> Result<(), RowError> {
+    for f in &l.manifest.schema.features {
+        let (Some(lo), Some(hi)) = (f.min, f.max) else {
+            continue;
+        };
+        let Some(v) = obj.get(&f.name).and_then(Value::as_f64) else {
+            continue;
+        };
+        let pad = (hi - lo).abs() * margin;
+        if v < lo - pad || v > hi + pad {
+            return Err(RowError {
+                row,
+                field: Some(f.name.clone()),
+                message: format!(
+                    "{v} is outside the range seen in training [{lo}, {hi}] (range policy, margin {margin})"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Scores `rows` (JSON objects keyed by feature or input names) with `loaded`, recording
 /// counters. `allow_missing` lets null values through as NaN (for models that impute).
 pub fn predict_with(
@@ -365,7 +397,12 @@ pub fn predict_with(
     let mut b = loaded.model.batch_builder();
     for (i, row) in rows.iter().enumerate() {
         if !allow_missing {
-            if let Err(e) = check_finite(&loaded.model, i, row) {
+            if let Err(e) =
+                check_finite(&loaded.model, i, row).and_then(|()| match loaded.range_margin {
+                    Some(m) => check_range(&loaded, m, i, row),
+                    None => Ok(()),
+                })
+            {
                 c.invalid.fetch_add(1, Ordering::Relaxed);
                 return Err(PredictError::Invalid(e));
             }
@@ -788,6 +825,35 @@ mod tests {
         assert_eq!(
             c.agreed.load(Ordering::Relaxed),
             c.compared.load(Ordering::Relaxed)
+        );
+    }
+
+    #[test]
+    fn range_policy_refuses_values_far_outside_training() {
+        let bytes = shared::engine::testing::scaler_model(2, Some(&["a", "b"]));
+        let mut manifest = shared::bundle::testing::manifest("m", &[("model.onnx", &bytes)]);
+        manifest.schema.features = vec![
+            shared::bundle::FeatureSchema {
+                name: "a".into(),
+                min: Some(0.0),
+                max: Some(10.0),
+            },
+            shared::bundle::FeatureSchema {
+                name: "b".into(),
+                min: None,
+                max: None,
+            },
+        ];
+        let mut l = Loaded::new(manifest, Model::from_bytes(&bytes).unwrap());
+        l.range_margin = Some(0.1);
+        let l = Arc::new(l);
+        assert!(predict_with(l.clone(), &[row(10.9.into(), 1e9.into())], false).is_ok());
+        let err = predict_with(l, &[row(11.5.into(), 1.0.into())], false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("row 0, field \"a\": 11.5 is outside the range seen in training [0, 10]"),
+            "{err}"
         );
     }
 

@@ -83,6 +83,7 @@ impl Ctx {
         let (manifest, model) = store.load_active(name)?;
         let mut l = Loaded::new(manifest, model);
         l.baseline_p99_us = baseline_p99_us;
+        l.range_margin = self.state.config.inputs.margin();
         Ok(Arc::new(l))
     }
 
@@ -102,7 +103,9 @@ impl Ctx {
             } else {
                 CandidateMode::Shadow
             };
-            Candidate::new(Arc::new(Loaded::new(manifest, model)), mode)
+            let mut l = Loaded::new(manifest, model);
+            l.range_margin = self.state.config.inputs.margin();
+            Candidate::new(Arc::new(l), mode)
         });
         self.state.registry.set_candidate(name, candidate);
         Ok(())
