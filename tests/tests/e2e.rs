@@ -4,10 +4,10 @@
 mod candidates;
 #[path = "e2e/fleetctl.rs"]
 mod fleetctl;
-#[path = "e2e/http.rs"]
-mod http;
 #[path = "e2e/health.rs"]
 mod health;
+#[path = "e2e/http.rs"]
+mod http;
 #[path = "e2e/install.rs"]
 mod install;
 #[path = "e2e/mqtt.rs"]
