@@ -180,3 +180,58 @@ fn dechunk(mut s: &str) -> String {
     }
     out
 }
+
+/// The six feature columns of the predictive-maintenance example.
+pub const PDM_FEATURES: [&str; 6] = [
+    "air_temperature_k",
+    "process_temperature_k",
+    "rotational_speed_rpm",
+    "torque_nm",
+    "tool_wear_min",
+    "vibration_rms_mm_s",
+];
+
+/// Runs a workspace binary in `dir`, asserting success; returns its standard output.
+pub fn run_ok(dir: &Path, program: &str, args: &[&str]) -> String {
+    let out = Command::new(bin(program))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run a workspace binary");
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Builds a bundle of `model` named `name` at `release` (version `<release>.0`), signed by
+/// `dir/root.key`, with the example's reference data, into `dir/out`.
+pub fn build_bundle(dir: &Path, model: &Path, name: &str, release: &str, out: &str) {
+    let reference = pdm().join("reference.csv");
+    let (model, reference) = (model.display().to_string(), reference.display().to_string());
+    let version = format!("{release}.0");
+    run_ok(
+        dir,
+        "fleetctl",
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &model,
+            "--name",
+            name,
+            "--version",
+            &version,
+            "--release",
+            release,
+            "--key",
+            "root.key",
+            "--reference",
+            &reference,
+            "--out",
+            out,
+        ],
+    );
+}

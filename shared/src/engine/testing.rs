@@ -83,6 +83,17 @@ fn graph_model(
     proto.encode_to_vec()
 }
 
+/// `feature_names` as the metadata value (a JSON list).
+fn names_json(feature_names: Option<&[&str]>) -> Option<String> {
+    feature_names.map(|n| serde_json::to_string(n).unwrap_or_default())
+}
+
+fn names_meta(names: Option<&str>) -> Vec<(&str, &str)> {
+    names
+        .map(|n| vec![("feature_names", n)])
+        .unwrap_or_default()
+}
+
 /// A model with one node of `op_type` in `domain`, named `node_name`, reading float `x`.
 pub fn single_node_model(op_type: &str, domain: &str, node_name: &str) -> Vec<u8> {
     let node = pb::NodeProto {
@@ -122,11 +133,8 @@ pub fn scaler_model(features: usize, feature_names: Option<&[&str]>) -> Vec<u8> 
     };
     let f = pb::tensor_proto::DataType::Float;
     let w = Some(features as i64);
-    let names = feature_names.map(|n| serde_json::to_string(n).unwrap_or_default());
-    let meta: Vec<(&str, &str)> = names
-        .as_deref()
-        .map(|n| vec![("feature_names", n)])
-        .unwrap_or_default();
+    let names = names_json(feature_names);
+    let meta = names_meta(names.as_deref());
     model(
         node,
         vec![tensor_input("X", f, &[None, w])],
@@ -147,11 +155,8 @@ pub fn unary_model(op_type: &str, features: usize, feature_names: Option<&[&str]
     };
     let f = pb::tensor_proto::DataType::Float;
     let w = Some(features as i64);
-    let names = feature_names.map(|n| serde_json::to_string(n).unwrap_or_default());
-    let meta: Vec<(&str, &str)> = names
-        .as_deref()
-        .map(|n| vec![("feature_names", n)])
-        .unwrap_or_default();
+    let names = names_json(feature_names);
+    let meta = names_meta(names.as_deref());
     model(
         node,
         vec![tensor_input("X", f, &[None, w])],
@@ -195,11 +200,8 @@ pub fn slow_model(features: usize, feature_names: Option<&[&str]>, repeat: i64) 
     ];
     let f = pb::tensor_proto::DataType::Float;
     let w = Some(features as i64);
-    let names = feature_names.map(|n| serde_json::to_string(n).unwrap_or_default());
-    let meta: Vec<(&str, &str)> = names
-        .as_deref()
-        .map(|n| vec![("feature_names", n)])
-        .unwrap_or_default();
+    let names = names_json(feature_names);
+    let meta = names_meta(names.as_deref());
     graph_model(
         nodes,
         vec![

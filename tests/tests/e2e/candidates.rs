@@ -5,56 +5,18 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use e2e_tests::{bin, free_port, http, pdm, scratch, wait_until, ChildGuard};
+use e2e_tests::{
+    bin, build_bundle, free_port, http, pdm, run_ok, scratch, wait_until, ChildGuard,
+    PDM_FEATURES as PDM,
+};
 use serde_json::{json, Value};
 
-const PDM: [&str; 6] = [
-    "air_temperature_k",
-    "process_temperature_k",
-    "rotational_speed_rpm",
-    "torque_nm",
-    "tool_wear_min",
-    "vibration_rms_mm_s",
-];
-
 fn run(dir: &Path, program: &str, args: &[&str]) -> String {
-    let out = Command::new(bin(program))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run_ok(dir, program, args)
 }
 
 fn bundle(dir: &Path, model: &Path, release: &str, out: &str) {
-    let reference = pdm().join("reference.csv");
-    run(
-        dir,
-        "fleetctl",
-        &[
-            "bundle",
-            "build",
-            "--model",
-            model.to_str().unwrap(),
-            "--name",
-            "pdm-failure",
-            "--version",
-            &format!("{release}.0"),
-            "--release",
-            release,
-            "--key",
-            "root.key",
-            "--reference",
-            reference.to_str().unwrap(),
-            "--out",
-            out,
-        ],
-    );
+    build_bundle(dir, model, "pdm-failure", release, out);
 }
 
 fn metric(text: &str, prefix: &str) -> f64 {

@@ -6,55 +6,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use e2e_tests::{bin, free_port, http, pdm, scratch, wait_until, ChildGuard};
+use e2e_tests::{
+    bin, build_bundle, free_port, http, run_ok, scratch, wait_until, ChildGuard,
+    PDM_FEATURES as PDM,
+};
 use serde_json::{json, Value};
 
-const PDM: [&str; 6] = [
-    "air_temperature_k",
-    "process_temperature_k",
-    "rotational_speed_rpm",
-    "torque_nm",
-    "tool_wear_min",
-    "vibration_rms_mm_s",
-];
-
 fn run(dir: &Path, program: &str, args: &[&str]) -> String {
-    let out = Command::new(bin(program))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn bundle(dir: &Path, model: &Path, name: &str, release: &str, reference: &Path, out: &str) {
-    run(
-        dir,
-        "fleetctl",
-        &[
-            "bundle",
-            "build",
-            "--model",
-            model.to_str().unwrap(),
-            "--name",
-            name,
-            "--version",
-            &format!("{release}.0"),
-            "--release",
-            release,
-            "--key",
-            "root.key",
-            "--reference",
-            reference.to_str().unwrap(),
-            "--out",
-            out,
-        ],
-    );
+    run_ok(dir, program, args)
 }
 
 fn status(dir: &Path, name: &str) -> Value {
@@ -90,23 +49,8 @@ fn nan_and_slow_versions_are_rolled_back_within_their_window() {
         shared::engine::testing::unary_model("Log", 6, Some(&PDM)),
     )
     .unwrap();
-    let reference = pdm().join("reference.csv");
-    bundle(
-        d,
-        &d.join("scale.onnx"),
-        "sensor",
-        "1",
-        &reference,
-        "s1.bundle",
-    );
-    bundle(
-        d,
-        &d.join("log.onnx"),
-        "sensor",
-        "2",
-        &reference,
-        "s2.bundle",
-    );
+    build_bundle(d, &d.join("scale.onnx"), "sensor", "1", "s1.bundle");
+    build_bundle(d, &d.join("log.onnx"), "sensor", "2", "s2.bundle");
     // "scorer": release 1 scales its inputs; release 2 computes the same thing the slow way
     // (each row broadcast 50,000 times and summed): tens of times slower per row.
     std::fs::write(
@@ -114,22 +58,8 @@ fn nan_and_slow_versions_are_rolled_back_within_their_window() {
         shared::engine::testing::slow_model(6, Some(&PDM), 50_000),
     )
     .unwrap();
-    bundle(
-        d,
-        &d.join("scale.onnx"),
-        "scorer",
-        "1",
-        &reference,
-        "f1.bundle",
-    );
-    bundle(
-        d,
-        &d.join("slow.onnx"),
-        "scorer",
-        "2",
-        &reference,
-        "f2.bundle",
-    );
+    build_bundle(d, &d.join("scale.onnx"), "scorer", "1", "f1.bundle");
+    build_bundle(d, &d.join("slow.onnx"), "scorer", "2", "f2.bundle");
     for b in ["s1.bundle", "f1.bundle"] {
         run(
             d,

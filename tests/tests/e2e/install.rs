@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use e2e_tests::{bin, pdm, scratch};
+use e2e_tests::{bin, build_bundle, pdm, run_ok, scratch};
 use serde_json::Value;
 
 fn agent(dir: &Path, args: &[&str], fault: Option<&str>) -> Output {
@@ -17,41 +17,11 @@ fn agent(dir: &Path, args: &[&str], fault: Option<&str>) -> Output {
 }
 
 fn fleetctl(dir: &Path, args: &[&str]) {
-    let out = Command::new(bin("fleetctl"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fleetctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(dir, "fleetctl", args);
 }
 
 fn build(dir: &Path, release: &str, out: &str) {
-    let (model, reference) = (pdm().join("model.onnx"), pdm().join("reference.csv"));
-    fleetctl(
-        dir,
-        &[
-            "bundle",
-            "build",
-            "--model",
-            model.to_str().unwrap(),
-            "--name",
-            "pdm-failure",
-            "--version",
-            &format!("1.{release}.0"),
-            "--release",
-            release,
-            "--key",
-            "root.key",
-            "--reference",
-            reference.to_str().unwrap(),
-            "--out",
-            out,
-        ],
-    );
+    build_bundle(dir, &pdm().join("model.onnx"), "pdm-failure", release, out);
 }
 
 const STATE: [&str; 4] = ["--state-dir", "state", "--trust-root", "root.pub"];

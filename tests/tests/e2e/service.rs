@@ -5,45 +5,15 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use e2e_tests::{bin, free_port, pdm, scratch, wait_until, ChildGuard};
+use e2e_tests::{bin, build_bundle, free_port, pdm, run_ok, scratch, wait_until, ChildGuard};
 use serde_json::Value;
 
 fn fleetctl(dir: &Path, args: &[&str]) {
-    let out = Command::new(bin("fleetctl"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fleetctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(dir, "fleetctl", args);
 }
 
 fn build(dir: &Path, release: &str, out: &str) {
-    let (model, reference) = (pdm().join("model.onnx"), pdm().join("reference.csv"));
-    fleetctl(
-        dir,
-        &[
-            "bundle",
-            "build",
-            "--model",
-            model.to_str().unwrap(),
-            "--name",
-            "pdm-failure",
-            "--version",
-            &format!("1.{release}.0"),
-            "--release",
-            release,
-            "--key",
-            "root.key",
-            "--reference",
-            reference.to_str().unwrap(),
-            "--out",
-            out,
-        ],
-    );
+    build_bundle(dir, &pdm().join("model.onnx"), "pdm-failure", release, out);
 }
 
 fn status(dir: &Path) -> Value {
