@@ -86,6 +86,10 @@ pub fn run_service(config_path: Option<&Path>, overrides: &crate::config::Overri
         .try_init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // scoring, installs and the inbox share the blocking pool: a few threads per core,
+        // not tokio's default of 512 (which grew to ~50 threads under load, costing CPU in
+        // scheduling and memory in per-thread allocator arenas; see BENCHMARKS.md)
+        .max_blocking_threads(4)
         .enable_all()
         .build()
     {

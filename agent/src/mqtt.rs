@@ -20,6 +20,8 @@ use crate::runtime::{PredictError, Registry};
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// Largest rows in one message.
 pub const MAX_ROWS: usize = 1000;
+/// Most messages being scored at once; more are dropped (counted as `dropped`).
+pub const MAX_IN_FLIGHT: usize = 64;
 
 /// MQTT path counters (for `/metrics` and tests).
 #[derive(Debug, Default)]
@@ -27,7 +29,8 @@ pub struct MqttCounters {
     pub received: AtomicU64,
     pub published: AtomicU64,
     pub rejected: AtomicU64,
-    /// Replies dropped because the client's queue was full.
+    /// Messages dropped because too many were in flight, or replies dropped because the
+    /// client's queue was full.
     pub dropped: AtomicU64,
     pub reconnects: AtomicU64,
 }
@@ -130,6 +133,7 @@ pub async fn run(
     opts.set_max_packet_size(MAX_MESSAGE_BYTES + 1024, MAX_MESSAGE_BYTES + 1024);
     let (client, mut events): (AsyncClient, EventLoop) = AsyncClient::new(opts, 64);
     let routes = Arc::new(cfg.inference.clone());
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let mut backoff = Duration::from_millis(250);
     loop {
         let ev = tokio::select! {
@@ -154,13 +158,12 @@ pub async fn run(
                     continue;
                 };
                 counters.received.fetch_add(1, Ordering::Relaxed);
-                let (reg, c, client, counters) = (
-                    registry.clone(),
-                    client.clone(),
-                    client.clone(),
-                    counters.clone(),
-                );
-                let _ = c;
+                // at most MAX_IN_FLIGHT messages scored at once; beyond, drop and count
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let (reg, client, counters) = (registry.clone(), client.clone(), counters.clone());
                 // inference off the event loop, on the blocking pool
                 tokio::spawn(async move {
                     let payload = p.payload.clone();
@@ -183,6 +186,7 @@ pub async fn run(
                         Ok(()) => counters.published.fetch_add(1, Ordering::Relaxed),
                         Err(_) => counters.dropped.fetch_add(1, Ordering::Relaxed),
                     };
+                    drop(permit);
                 });
             }
             Ok(_) => {}
