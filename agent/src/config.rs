@@ -63,6 +63,8 @@ pub struct Http {
     pub max_body_bytes: u64,
     /// Bearer tokens accepted by the HTTP API; empty: no authentication (loopback use).
     pub tokens: Vec<Token>,
+    /// Threads that run inference for HTTP and MQTT requests (0: one per core).
+    pub scoring_threads: usize,
 }
 
 /// Scopes a bearer token can carry.
@@ -151,6 +153,7 @@ impl Default for Http {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 1024 * 1024,
             tokens: Vec::new(),
+            scoring_threads: 0,
         }
     }
 }

@@ -4,8 +4,9 @@
 //! request body limits.
 //!
 //! Every route is described in `agent/openapi.yaml`. Requests are parsed, validated and
-//! scored on tokio's blocking pool, never on the async workers. Every prediction goes through
-//! [`crate::runtime::predict_with`], so health windows count HTTP traffic.
+//! scored on the scoring pool ([`crate::pool`]), never on the async workers. Every
+//! prediction goes through [`crate::runtime::predict_with`], so health windows count HTTP
+//! traffic.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -205,36 +206,29 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     .flavor(Flavor::of(uri.path()))
 }
 
-/// Most inference requests running or queued on the blocking pool at once; beyond it,
-/// requests get 503 with `Retry-After` instead of an unbounded queue.
+/// Most inference requests queued for the scoring pool at once; beyond it, requests get 503
+/// with `Retry-After` instead of an unbounded queue.
 pub const MAX_IN_FLIGHT: usize = 256;
 
-fn in_flight() -> &'static Arc<tokio::sync::Semaphore> {
-    static SEM: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
-    SEM.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)))
-}
-
-/// Runs `f` on the blocking pool (bounded by [`MAX_IN_FLIGHT`]).
+/// Runs `f` on the scoring pool (its queue is bounded by [`MAX_IN_FLIGHT`]).
 async fn blocking<T: Send + 'static>(
+    pool: &crate::pool::ScoringPool,
     flavor: Flavor,
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let Ok(permit) = in_flight().clone().try_acquire_owned() else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("busy: {MAX_IN_FLIGHT} requests in flight; retry shortly"),
-        )
-        .flavor(flavor));
-    };
-    let f = move || {
-        let r = f();
-        drop(permit);
-        r
-    };
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
-        tracing::error!(error = %e, "request task failed");
-        Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "request task failed").flavor(flavor))
-    })
+    match pool.run(f).await {
+        Ok(r) => r,
+        Err(e @ crate::pool::PoolError::Busy(_)) => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).flavor(flavor))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "request task failed");
+            Err(
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "request task failed")
+                    .flavor(flavor),
+            )
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -580,7 +574,10 @@ async fn infer_common(
                 })?,
         ),
     };
-    blocking(Flavor::V2, move || infer_blocking(loaded, &body, json_len)).await
+    blocking(&s.pool, Flavor::V2, move || {
+        infer_blocking(loaded, &body, json_len)
+    })
+    .await
 }
 
 /// Binary element size of an OIP datatype (None for BYTES, which is length-prefixed).
@@ -683,6 +680,13 @@ fn flatten(v: Value, out: &mut Vec<Value>) {
 }
 
 /// Checks JSON `data` elements against the declared datatype.
+fn flatten_ref<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Array(a) => a.iter().for_each(|x| flatten_ref(x, out)),
+        other => out.push(other),
+    }
+}
+
 fn check_elements(name: &str, dt: &str, map: bool, values: &mut [Value]) -> Result<(), ApiError> {
     for (k, v) in values.iter_mut().enumerate() {
         let ok = match dt {
@@ -1165,7 +1169,7 @@ async fn v1_post(
     Path(rest): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let (name, verb) = v1_target(&rest)?;
     match verb {
         Some("predict") => {}
@@ -1194,11 +1198,25 @@ async fn v1_post(
     let loaded = s.registry.route(name, key.as_deref()).unwrap_or(active);
     let device = s.device_id.clone();
     let registry = s.registry.clone();
-    let out = blocking(Flavor::V1, move || {
+    let out = blocking(&s.pool, Flavor::V1, move || {
         v1_predict(loaded, &body, &device, &registry).map_err(|e| e.flavor(Flavor::V1))
     })
     .await?;
-    Ok(Json(out))
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        out,
+    )
+        .into_response())
+}
+
+/// The `:predict` response, serialized straight from the prediction (no JSON tree).
+#[derive(serde::Serialize)]
+struct V1Response<'a> {
+    predictions: &'a [Map<String, Value>],
+    model: &'a str,
+    version: &'a str,
+    release: u64,
+    prediction_ids: Vec<String>,
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -1217,7 +1235,7 @@ fn v1_predict(
     body: &[u8],
     device: &str,
     registry: &crate::runtime::Registry,
-) -> Result<Value, ApiError> {
+) -> Result<Vec<u8>, ApiError> {
     let usage = "expected {\"instances\": [{\"<feature>\": value, ...}, ...]}";
     let req: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad(format!("request body is not JSON: {e}; {usage}")))?;
@@ -1293,13 +1311,19 @@ fn v1_predict(
     registry.shadow(&name, &rows, &pred);
     let l = &pred.loaded;
     let ids = prediction_ids(device, l.release, pred.outputs.len());
-    Ok(json!({
-        "predictions": pred.outputs,
-        "model": l.name,
-        "version": l.version,
-        "release": l.release,
-        "prediction_ids": ids,
-    }))
+    serde_json::to_vec(&V1Response {
+        predictions: &pred.outputs,
+        model: &l.name,
+        version: &l.version,
+        release: l.release,
+        prediction_ids: ids,
+    })
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot render: {e}"),
+        )
+    })
 }
 
 /// Refuses what would reach a float input as NaN or infinity without being `null` (which
@@ -1323,8 +1347,8 @@ fn check_floats(model: &Model, row: usize, obj: &Map<String, Value>) -> Result<(
             continue;
         }
         let mut leaves = Vec::new();
-        flatten(v.clone(), &mut leaves);
-        for leaf in &leaves {
+        flatten_ref(v, &mut leaves);
+        for leaf in leaves {
             let problem = match leaf {
                 Value::String(s) if s.trim().is_empty() => {
                     Some("is an empty string (a missing value)".to_string())

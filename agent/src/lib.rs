@@ -7,6 +7,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
+pub mod pool;
 pub mod predict;
 pub mod runtime;
 pub mod service;

@@ -2,7 +2,7 @@
 //! (named-feature JSON), publish each prediction to the model's output topic.
 //!
 //! The event loop owner backs off with jitter on connection errors (rumqttc has no backoff),
-//! never blocks inside the loop (inference runs on the blocking pool, publishes use
+//! never blocks inside the loop (inference runs on the scoring pool, publishes use
 //! `try_publish` and count drops), and re-subscribes after every reconnect.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -121,6 +121,7 @@ pub async fn run(
     cfg: Mqtt,
     client_id: String,
     registry: Arc<Registry>,
+    pool: Arc<crate::pool::ScoringPool>,
     counters: Arc<MqttCounters>,
     token: CancellationToken,
 ) {
@@ -164,11 +165,13 @@ pub async fn run(
                     continue;
                 };
                 let (reg, client, counters) = (registry.clone(), client.clone(), counters.clone());
-                // inference off the event loop, on the blocking pool
+                let pool = pool.clone();
+                // inference off the event loop, on the scoring pool
                 tokio::spawn(async move {
                     let payload = p.payload.clone();
                     let r2 = route.clone();
-                    let reply = tokio::task::spawn_blocking(move || answer(&reg, &r2, &payload))
+                    let reply = pool
+                        .run(move || answer(&reg, &r2, &payload))
                         .await
                         .unwrap_or_else(|e| json!({"error": e.to_string()}));
                     if reply.get("error").is_some() {

@@ -200,12 +200,19 @@ impl Distributions {
                 if label.as_f64().is_none_or(|x| x.fract() == 0.0) =>
             {
                 if let Ok(mut l) = self.labels.lock() {
+                    // no allocation for a label seen before
+                    let num;
                     let key = match label {
-                        Value::String(s) => s.clone(),
-                        other => other.to_string(),
+                        Value::String(s) => s.as_str(),
+                        other => {
+                            num = other.to_string();
+                            num.as_str()
+                        }
                     };
-                    if l.len() < 1000 || l.contains_key(&key) {
-                        *l.entry(key).or_default() += 1;
+                    if let Some(c) = l.get_mut(key) {
+                        *c += 1;
+                    } else if l.len() < 1000 {
+                        l.insert(key.to_string(), 1);
                     }
                 }
                 if let Some(top) = max_number(scores) {

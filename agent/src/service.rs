@@ -46,6 +46,8 @@ pub struct AppState {
     pub ready: AtomicBool,
     pub lifecycle: LifecycleCounters,
     pub mqtt: Arc<crate::mqtt::MqttCounters>,
+    /// Runs inference for the HTTP and MQTT APIs.
+    pub pool: Arc<crate::pool::ScoringPool>,
 }
 
 /// Why the service could not start or stopped with an error.
@@ -317,6 +319,13 @@ pub async fn run(
         ready: AtomicBool::new(false),
         lifecycle: LifecycleCounters::default(),
         mqtt: Arc::new(crate::mqtt::MqttCounters::default()),
+        pool: Arc::new(
+            crate::pool::ScoringPool::new(
+                config.http.scoring_threads,
+                crate::http::MAX_IN_FLIGHT,
+            )
+            .map_err(|e| ServiceError::Io(format!("cannot start the scoring threads: {e}")))?,
+        ),
     });
     let root = store.root().to_path_buf();
     let ctx = Arc::new(Ctx {
@@ -412,6 +421,7 @@ pub async fn run(
             m,
             client_id,
             registry.clone(),
+            state.pool.clone(),
             state.mqtt.clone(),
             token.clone(),
         ));
