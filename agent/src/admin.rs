@@ -181,6 +181,29 @@ fn via_socket(state_dir: &Path, req: &serde_json::Value, what: &str) -> Option<i
     }
 }
 
+/// The outbox/sync/feedback/health block of a running agent (`None` when none runs).
+fn running_telemetry(state_dir: &Path) -> Option<serde_json::Value> {
+    #[cfg(unix)]
+    {
+        use std::io::{BufRead, BufReader, Write};
+        let sock = state_dir.join("agent.sock");
+        let mut stream = std::os::unix::net::UnixStream::connect(&sock).ok()?;
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+        writeln!(stream, "{}", serde_json::json!({"op": "telemetry"})).ok()?;
+        let mut line = String::new();
+        BufReader::new(std::io::Read::take(&stream, 4 * 1024 * 1024))
+            .read_line(&mut line)
+            .ok()?;
+        let resp: serde_json::Value = serde_json::from_str(&line).ok()?;
+        (resp["ok"] == true).then(|| resp["telemetry"].clone())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = state_dir;
+        None
+    }
+}
+
 /// `edge-agent promote MODEL` / `edge-agent drop-candidate MODEL`.
 pub fn candidate_op(op: &str, model: &str, args: &StateArgs) -> i32 {
     let cfg = match config(args) {
@@ -284,15 +307,43 @@ pub fn status(args: &StateArgs, json: bool) -> i32 {
         }
     };
     let events = recent_events(&cfg.state_dir, 20);
+    let telemetry = running_telemetry(&cfg.state_dir);
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "models": states, "events": events })
-            )
+            serde_json::to_string_pretty(&serde_json::json!({
+                "models": states,
+                "events": events,
+                "telemetry": telemetry,
+            }))
             .unwrap_or_default()
         );
         return 0;
+    }
+    match &telemetry {
+        Some(t) => {
+            for (class, c) in t["outbox"]["classes"].as_object().into_iter().flatten() {
+                println!(
+                    "outbox {class}: produced {}, acknowledged {}, pending {}, dropped cap {} ttl {} io {}",
+                    c["produced"], c["acknowledged"], c["pending"],
+                    c["dropped"]["cap"], c["dropped"]["ttl"], c["dropped"]["io"]
+                );
+            }
+            if t["sync"]["configured"] == true {
+                println!(
+                    "sync: {} {}",
+                    if t["sync"]["connected"] == true {
+                        "connected to"
+                    } else {
+                        "not connected; last broker"
+                    },
+                    t["sync"]["broker"].as_str().unwrap_or("-")
+                );
+            }
+        }
+        None => println!(
+            "outbox: the agent is not running (its counters are read from the running agent)"
+        ),
     }
     if states.is_empty() {
         println!("no models installed in {}", cfg.state_dir.display());

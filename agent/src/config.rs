@@ -26,6 +26,42 @@ pub struct Config {
     pub install: Install,
     pub health: Health,
     pub inputs: Inputs,
+    /// The durable outbox of records for the fleet (`<state_dir>/outbox`).
+    pub outbox: crate::outbox::OutboxConfig,
+    /// Sync of the outbox to the fleet's MQTT broker; absent: records stay in the outbox
+    /// (bounded by its cap) until a `[sync]` section is configured.
+    pub sync: Option<crate::sync::SyncConfig>,
+    pub telemetry: Telemetry,
+    pub drift: Drift,
+    pub feedback: crate::feedback::FeedbackConfig,
+}
+
+/// How often the agent produces records for the fleet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// Telemetry window, drift summary and feedback summary period (seconds).
+    pub window_secs: u64,
+    /// System health sample period (seconds).
+    pub health_secs: u64,
+}
+
+impl Default for Telemetry {
+    fn default() -> Telemetry {
+        Telemetry {
+            window_secs: 60,
+            health_secs: 10,
+        }
+    }
+}
+
+/// Drift summaries: alerting and optional differential privacy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Drift {
+    pub alert: shared::drift::AlertConfig,
+    /// Laplace noise on histogram counts and small-bin suppression; absent: exact counts.
+    pub privacy: Option<shared::drift::PrivacyConfig>,
 }
 
 /// How request rows are checked beyond the model's types.
@@ -63,7 +99,8 @@ pub struct Http {
     pub max_body_bytes: u64,
     /// Bearer tokens accepted by the HTTP API; empty: no authentication (loopback use).
     pub tokens: Vec<Token>,
-    /// Threads that run inference for HTTP and MQTT requests (0: one per core).
+    /// Threads that run inference for HTTP and MQTT requests (0: one per core but one, at
+    /// least one).
     pub scoring_threads: usize,
 }
 
@@ -93,6 +130,10 @@ pub struct Mqtt {
     /// Inference over MQTT: named-feature JSON in, predictions out.
     #[serde(default)]
     pub inference: Vec<MqttRoute>,
+    /// Ground truth for earlier predictions (the `POST /v1/feedback` body); the outcome is
+    /// published on `<feedback_topic>/results`.
+    #[serde(default)]
+    pub feedback_topic: Option<String>,
 }
 
 /// One model served over MQTT.
@@ -143,6 +184,11 @@ impl Default for Config {
             install: Install::default(),
             health: Health::default(),
             inputs: Inputs::default(),
+            outbox: crate::outbox::OutboxConfig::default(),
+            sync: None,
+            telemetry: Telemetry::default(),
+            drift: Drift::default(),
+            feedback: crate::feedback::FeedbackConfig::default(),
         }
     }
 }
@@ -259,6 +305,7 @@ impl Config {
                         url: v.clone(),
                         client_id: None,
                         inference: Vec::new(),
+                        feedback_topic: None,
                     })
                 }
             }
@@ -335,6 +382,13 @@ impl Config {
                         .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok()) => {}
                 _ => p.push(format!("mqtt.url {:?}: expected mqtt://host:port", m.url)),
             }
+            if let Some(t) = &m.feedback_topic {
+                if t.is_empty() || t.contains(['+', '#']) {
+                    p.push(format!(
+                        "mqtt.feedback_topic {t:?}: a topic without wildcards"
+                    ));
+                }
+            }
             for (i, r) in m.inference.iter().enumerate() {
                 for (what, t) in [
                     ("input_topic", &r.input_topic),
@@ -376,6 +430,33 @@ impl Config {
                 p.push(format!("{name} = {v}: must be between {lo} and {hi}"));
             }
         }
+        p.extend(self.outbox.problems());
+        if let Some(s) = &self.sync {
+            p.extend(s.problems().iter().map(ToString::to_string));
+        }
+        for (name, v) in [
+            ("telemetry.window_secs", self.telemetry.window_secs),
+            ("telemetry.health_secs", self.telemetry.health_secs),
+        ] {
+            if !(1..=86_400).contains(&v) {
+                p.push(format!("{name} = {v}: must be 1 to 86400"));
+            }
+        }
+        if let Err(e) = self.drift.alert.validate() {
+            p.push(e.to_string());
+        }
+        if let Some(dp) = &self.drift.privacy {
+            if let Some(eps) = dp.epsilon {
+                if !(eps.is_finite() && eps > 0.0) {
+                    p.push(format!(
+                        "drift.privacy.epsilon = {eps}: must be a positive number"
+                    ));
+                }
+            }
+        }
+        if let Err(e) = self.feedback.validate() {
+            p.push(e.to_string());
+        }
         if p.is_empty() {
             Ok(())
         } else {
@@ -398,6 +479,37 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_deploy_example_parses_and_only_lacks_its_key_files() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/edge-agent.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.telemetry.window_secs, 60);
+        assert_eq!(c.outbox.max_bytes, 256 * 1024 * 1024);
+        let problems = c.validate().unwrap_err().problems;
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("trust_root"), "{problems:?}");
+    }
+
+    #[test]
+    fn telemetry_sections_are_validated() {
+        let mut c: Config = toml::from_str(
+            "[telemetry]\nwindow_secs = 0\n[drift.alert]\nwindows = 0\n[outbox]\nmax_bytes = 10\n[feedback]\nwindow = 0\n[sync]\nurls = [\"http://x\"]\n",
+        )
+        .unwrap();
+        c.trust_root = PathBuf::new();
+        let p = c.validate().unwrap_err().problems.join("\n");
+        for want in [
+            "telemetry.window_secs = 0",
+            "drift alert windows",
+            "outbox.max_bytes = 10",
+            "feedback.window = 0",
+            "sync.urls",
+        ] {
+            assert!(p.contains(want), "{want:?} not in:\n{p}");
+        }
+        assert!(toml::from_str::<Config>("[telemetry]\nwindow = 1\n").is_err());
+    }
 
     #[test]
     fn default_config_round_trips_and_reports_every_problem() {

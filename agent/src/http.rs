@@ -37,6 +37,8 @@ pub const ROUTING_KEY: &str = "x-routing-key";
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 /// The scope inference and model routes need when tokens are configured.
 pub const SCOPE_PREDICT: &str = "predict";
+/// The scope `POST /v1/feedback` needs.
+pub const SCOPE_FEEDBACK: &str = "feedback";
 
 /// The router for the agent's HTTP API.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -63,6 +65,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         // `{name}:predict` is one path segment; the router cannot split it, so parse it here
         .route("/v1/models/{*rest}", get(v1_get).post(v1_post))
+        .route("/v1/feedback", post(feedback))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -243,8 +246,12 @@ async fn guard(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Resp
     let open = path == "/v2/health/live" || path == "/v2/health/ready";
     let tokens = &s.config.http.tokens;
     if !open && !tokens.is_empty() {
-        let scope = (path.starts_with("/v2/models/") || path.starts_with("/v1/models/"))
-            .then_some(SCOPE_PREDICT);
+        let scope = if path == "/v1/feedback" {
+            Some(SCOPE_FEEDBACK)
+        } else {
+            (path.starts_with("/v2/models/") || path.starts_with("/v1/models/"))
+                .then_some(SCOPE_PREDICT)
+        };
         if let Err(e) = authorize(tokens, req.headers(), scope) {
             return e.flavor(flavor).into_response();
         }
@@ -1198,8 +1205,9 @@ async fn v1_post(
     let loaded = s.registry.route(name, key.as_deref()).unwrap_or(active);
     let device = s.device_id.clone();
     let registry = s.registry.clone();
+    let feedback = s.feedback.clone();
     let out = blocking(&s.pool, Flavor::V1, move || {
-        v1_predict(loaded, &body, &device, &registry).map_err(|e| e.flavor(Flavor::V1))
+        v1_predict(loaded, &body, &device, &registry, &feedback).map_err(|e| e.flavor(Flavor::V1))
     })
     .await?;
     Ok((
@@ -1207,6 +1215,22 @@ async fn v1_post(
         out,
     )
         .into_response())
+}
+
+/// `POST /v1/feedback`: ground truth for earlier predictions, by prediction id.
+async fn feedback(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| body_error(r, s.config.http.max_body_bytes, Flavor::V1))?;
+    let st = s.clone();
+    let (status, value) = s
+        .pool
+        .run(move || crate::telemetry::receive_feedback(&st, &body))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Ok((status, Json(value)).into_response())
 }
 
 /// The `:predict` response, serialized straight from the prediction (no JSON tree).
@@ -1230,11 +1254,29 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
+/// Logs predictions so that feedback can find them by id.
+fn record_feedback(
+    feedback: &crate::feedback::Feedback,
+    l: &Loaded,
+    rows: &[Map<String, Value>],
+    outputs: &[Map<String, Value>],
+    ids: &[String],
+) {
+    let spec = &l.feedback_spec;
+    let preds = crate::feedback::predictions_from_outputs(&spec.task, outputs);
+    let groups = spec.group_feature.as_deref().map(|g| {
+        let pos = l.manifest.schema.features.iter().position(|f| f.name == g);
+        crate::feedback::group_values(rows, g, pos)
+    });
+    feedback.record(ids, &l.feedback_key, &preds, groups.as_deref());
+}
+
 fn v1_predict(
     loaded: Arc<Loaded>,
     body: &[u8],
     device: &str,
     registry: &crate::runtime::Registry,
+    feedback: &crate::feedback::Feedback,
 ) -> Result<Vec<u8>, ApiError> {
     let usage = "expected {\"instances\": [{\"<feature>\": value, ...}, ...]}";
     let req: Value = serde_json::from_slice(body)
@@ -1311,6 +1353,7 @@ fn v1_predict(
     registry.shadow(&name, &rows, &pred);
     let l = &pred.loaded;
     let ids = prediction_ids(device, l.release, pred.outputs.len());
+    record_feedback(feedback, l, &rows, &pred.outputs, &ids);
     serde_json::to_vec(&V1Response {
         predictions: &pred.outputs,
         model: &l.name,
@@ -1450,6 +1493,7 @@ mod tests {
             "/v2/models/{name}/versions/{version}/infer",
             "/v1/models/{name}",
             "/v1/models/{name}:predict",
+            "/v1/feedback",
             "/metrics",
         ] {
             assert!(

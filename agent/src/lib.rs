@@ -4,11 +4,16 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod feedback;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
+pub mod outbox;
 pub mod pool;
 pub mod predict;
 pub mod runtime;
 pub mod service;
 pub mod store;
+pub mod sync;
+pub mod system;
+pub mod telemetry;

@@ -4,6 +4,7 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
+use crate::outbox::{Class, DropReason};
 use crate::runtime::{Histogram, Loaded, LATENCY_BUCKETS_US};
 use crate::service::AppState;
 
@@ -335,5 +336,283 @@ pub fn render(state: &AppState) -> String {
         "edge_agent_mqtt_reconnects_total {}",
         m.reconnects.load(Ordering::Relaxed)
     );
+    render_telemetry(state, &mut out);
     out
+}
+
+/// The outbox, sync, feedback and health families.
+fn render_telemetry(state: &AppState, out: &mut String) {
+    if let Some(st) = state.telemetry.stats() {
+        header(
+            out,
+            "edge_agent_outbox_records_total",
+            "counter",
+            "Records produced (stored in the outbox) and acknowledged by the fleet, per class.",
+        );
+        for c in Class::ALL {
+            let cs = st.class(c);
+            for (what, v) in [("produced", cs.produced), ("acknowledged", cs.acknowledged)] {
+                let _ = writeln!(
+                    out,
+                    "edge_agent_outbox_records_total{{class=\"{}\",state=\"{what}\"}} {v}",
+                    c.as_str()
+                );
+            }
+        }
+        header(
+            out,
+            "edge_agent_outbox_pending_records",
+            "gauge",
+            "Records in the outbox not yet acknowledged, per class.",
+        );
+        for c in Class::ALL {
+            let _ = writeln!(
+                out,
+                "edge_agent_outbox_pending_records{{class=\"{}\"}} {}",
+                c.as_str(),
+                st.class(c).pending_records
+            );
+        }
+        header(
+            out,
+            "edge_agent_outbox_dropped_total",
+            "counter",
+            "Records dropped without delivery, per class and reason (cap, ttl, io).",
+        );
+        for c in Class::ALL {
+            for r in DropReason::ALL {
+                let _ = writeln!(
+                    out,
+                    "edge_agent_outbox_dropped_total{{class=\"{}\",reason=\"{}\"}} {}",
+                    c.as_str(),
+                    r.as_str(),
+                    st.class(c).dropped(r)
+                );
+            }
+        }
+        for (name, help, v) in [
+            (
+                "edge_agent_outbox_stored_bytes",
+                "Bytes of pending records, as counted for the cap.",
+                st.stored_bytes,
+            ),
+            (
+                "edge_agent_outbox_max_bytes",
+                "The outbox byte cap.",
+                st.max_bytes,
+            ),
+            (
+                "edge_agent_outbox_last_seq",
+                "The last sequence number assigned.",
+                st.last_seq,
+            ),
+            (
+                "edge_agent_outbox_acked_through",
+                "Every record up to this sequence number was acknowledged or dropped.",
+                st.acked_through,
+            ),
+        ] {
+            header(out, name, "gauge", help);
+            let _ = writeln!(out, "{name} {v}");
+        }
+    }
+    header(
+        out,
+        "edge_agent_outbox_unavailable_total",
+        "counter",
+        "Records dropped because the outbox could not be opened.",
+    );
+    let _ = writeln!(
+        out,
+        "edge_agent_outbox_unavailable_total {}",
+        state.telemetry.unavailable.load(Ordering::Relaxed)
+    );
+
+    let s = &state.sync;
+    header(
+        out,
+        "edge_agent_sync_connected",
+        "gauge",
+        "1 while connected to the fleet broker.",
+    );
+    let _ = writeln!(
+        out,
+        "edge_agent_sync_connected {}",
+        s.connected.load(Ordering::Relaxed)
+    );
+    for (name, help, v) in [
+        (
+            "edge_agent_sync_published_records_total",
+            "Records published to the fleet (replays included).",
+            &s.published_records,
+        ),
+        (
+            "edge_agent_sync_published_batches_total",
+            "Batches published to the fleet (replays included).",
+            &s.published_batches,
+        ),
+        (
+            "edge_agent_sync_acks_total",
+            "Acks received from the fleet.",
+            &s.acks,
+        ),
+        (
+            "edge_agent_sync_replays_total",
+            "Rewinds to the last ack (reconnect or ack timeout).",
+            &s.replays,
+        ),
+        (
+            "edge_agent_sync_reconnects_total",
+            "Fleet broker connection errors.",
+            &s.reconnects,
+        ),
+    ] {
+        header(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+    }
+
+    let summaries = state.feedback.summaries();
+    if !summaries.is_empty() {
+        header(
+            out,
+            "edge_agent_feedback_labelled_total",
+            "counter",
+            "Predictions that received their ground truth.",
+        );
+        for f in &summaries {
+            let _ = writeln!(
+                out,
+                "edge_agent_feedback_labelled_total{{model=\"{}\",release=\"{}\"}} {}",
+                esc(&f.model),
+                f.release,
+                f.labelled_total
+            );
+        }
+        header(
+            out,
+            "edge_agent_feedback_metric",
+            "gauge",
+            "Live model quality from feedback, over the rolling window.",
+        );
+        for f in &summaries {
+            for (metric, v) in [
+                ("accuracy", f.window.accuracy),
+                ("f1", f.window.f1),
+                ("mae", f.window.mae),
+                ("rmse", f.window.rmse),
+            ] {
+                if let Some(v) = v {
+                    let _ = writeln!(
+                        out,
+                        "edge_agent_feedback_metric{{model=\"{}\",release=\"{}\",metric=\"{metric}\"}} {}",
+                        esc(&f.model),
+                        f.release,
+                        fmt_f(v)
+                    );
+                }
+            }
+        }
+        header(
+            out,
+            "edge_agent_concept_drift",
+            "gauge",
+            "1 while the recent error is significantly above the baseline.",
+        );
+        for f in &summaries {
+            let _ = writeln!(
+                out,
+                "edge_agent_concept_drift{{model=\"{}\",release=\"{}\"}} {}",
+                esc(&f.model),
+                f.release,
+                u8::from(f.drift.drifting)
+            );
+        }
+    }
+
+    let sample = state.health_sample.lock().ok().and_then(|s| s.clone());
+    if let Some(h) = sample {
+        for (name, help, v) in [
+            (
+                "edge_agent_cpu_system_percent",
+                "CPU use of the whole machine (0-100).",
+                h.cpu_system_pct,
+            ),
+            (
+                "edge_agent_cpu_process_percent",
+                "CPU use of the agent (100 = one core).",
+                h.cpu_process_pct,
+            ),
+            (
+                "edge_agent_memory_available_bytes",
+                "Memory available on the machine.",
+                Some(h.memory_available_bytes as f64),
+            ),
+            (
+                "edge_agent_process_resident_memory_bytes",
+                "Resident memory of the agent.",
+                h.process_rss_bytes.map(|v| v as f64),
+            ),
+            (
+                "edge_agent_disk_free_bytes",
+                "Free space on the state directory's filesystem.",
+                h.disk_free_bytes.map(|v| v as f64),
+            ),
+        ] {
+            if let Some(v) = v {
+                header(out, name, "gauge", help);
+                let _ = writeln!(out, "{name} {}", fmt_f(v));
+            }
+        }
+    }
+}
+
+/// The outbox and sync state as JSON (for `status --json` through the admin socket).
+pub fn telemetry_json(state: &AppState) -> serde_json::Value {
+    let outbox = state.telemetry.stats().map(|st| {
+        let classes: serde_json::Map<String, serde_json::Value> = Class::ALL
+            .iter()
+            .map(|&c| {
+                let cs = st.class(c);
+                let dropped: serde_json::Map<String, serde_json::Value> = DropReason::ALL
+                    .iter()
+                    .map(|&r| (r.as_str().to_string(), cs.dropped(r).into()))
+                    .collect();
+                (
+                    c.as_str().to_string(),
+                    serde_json::json!({
+                        "produced": cs.produced,
+                        "acknowledged": cs.acknowledged,
+                        "pending": cs.pending_records,
+                        "pending_bytes": cs.pending_bytes,
+                        "dropped": dropped,
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "classes": classes,
+            "last_seq": st.last_seq,
+            "acked_through": st.acked_through,
+            "stored_bytes": st.stored_bytes,
+            "max_bytes": st.max_bytes,
+            "size_on_disk": st.size_on_disk,
+            "failed": st.failed,
+        })
+    });
+    let s = &state.sync;
+    serde_json::json!({
+        "outbox": outbox,
+        "outbox_error": state.telemetry.open_error,
+        "sync": {
+            "configured": state.config.sync.is_some(),
+            "connected": s.connected.load(Ordering::Relaxed) == 1,
+            "broker": s.current_broker(),
+            "last_error": s.last_error(),
+            "published_records": s.published_records.load(Ordering::Relaxed),
+            "acks": s.acks.load(Ordering::Relaxed),
+            "replays": s.replays.load(Ordering::Relaxed),
+        },
+        "feedback": state.feedback.summaries(),
+        "health": state.health_sample.lock().ok().and_then(|s| s.clone()),
+    })
 }

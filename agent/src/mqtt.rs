@@ -116,6 +116,9 @@ fn jitter(base: Duration) -> Duration {
     base + Duration::from_millis(u64::from(nanos % 1000) * base.as_millis().min(1000) as u64 / 2000)
 }
 
+/// Handles a feedback message: the response body to publish.
+pub type FeedbackHandler = Arc<dyn Fn(&[u8]) -> Value + Send + Sync>;
+
 /// Runs the MQTT inference loop until `token` is cancelled.
 pub async fn run(
     cfg: Mqtt,
@@ -123,6 +126,7 @@ pub async fn run(
     registry: Arc<Registry>,
     pool: Arc<crate::pool::ScoringPool>,
     counters: Arc<MqttCounters>,
+    feedback: FeedbackHandler,
     token: CancellationToken,
 ) {
     let Some((host, port)) = parse_url(&cfg.url) else {
@@ -145,14 +149,46 @@ pub async fn run(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(250);
                 tracing::info!(url = %cfg.url, "mqtt connected");
-                for r in routes.iter() {
-                    if client
-                        .try_subscribe(r.input_topic.clone(), QoS::AtLeastOnce)
-                        .is_err()
-                    {
-                        tracing::warn!(topic = %r.input_topic, "subscribe request dropped (queue full)");
+                let topics = routes
+                    .iter()
+                    .map(|r| &r.input_topic)
+                    .chain(cfg.feedback_topic.as_ref());
+                for t in topics {
+                    if client.try_subscribe(t.clone(), QoS::AtLeastOnce).is_err() {
+                        tracing::warn!(topic = %t, "subscribe request dropped (queue full)");
                     }
                 }
+            }
+            Ok(Event::Incoming(Packet::Publish(p)))
+                if cfg.feedback_topic.as_deref() == Some(p.topic.as_str()) =>
+            {
+                counters.received.fetch_add(1, Ordering::Relaxed);
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let (client, counters, pool, f) = (
+                    client.clone(),
+                    counters.clone(),
+                    pool.clone(),
+                    feedback.clone(),
+                );
+                let topic = format!("{}/results", p.topic);
+                tokio::spawn(async move {
+                    let payload = p.payload.clone();
+                    let reply = pool
+                        .run(move || f(&payload))
+                        .await
+                        .unwrap_or_else(|e| json!({"error": e.to_string()}));
+                    if reply.get("error").is_some() {
+                        counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    match client.try_publish(topic, QoS::AtLeastOnce, false, reply.to_string()) {
+                        Ok(()) => counters.published.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => counters.dropped.fetch_add(1, Ordering::Relaxed),
+                    };
+                    drop(permit);
+                });
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let Some(route) = routes.iter().find(|r| r.input_topic == p.topic).cloned() else {

@@ -4,11 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
+use shared::bundle::manifest::{PredictionProfile, PredictionScore};
 use shared::bundle::Manifest;
+use shared::drift::DriftState;
+
+use crate::feedback::{ModelKey, ModelSpec};
 use shared::engine::{InputError, Model};
 
 /// Upper bounds (microseconds) of the latency histogram buckets.
@@ -262,12 +266,27 @@ pub struct Loaded {
     /// Range policy: refuse numeric feature values outside the bundle's observed
     /// `[min, max]` widened by this share of the range on each side (`None`: no check).
     pub range_margin: Option<f64>,
+    /// The current drift window against the bundle's reference profile (none without one).
+    pub drift: Option<Mutex<DriftState>>,
+    /// This version's key and task for the feedback loop.
+    pub feedback_key: ModelKey,
+    pub feedback_spec: Arc<ModelSpec>,
 }
 
 impl Loaded {
     pub fn new(manifest: Manifest, model: Model) -> Loaded {
         let distributions = Distributions::new(&manifest);
+        let drift = manifest
+            .reference
+            .as_ref()
+            .filter(|r| !r.features.is_empty() || r.predictions.is_some())
+            .map(|r| Mutex::new(DriftState::new(r)));
+        let feedback_key = ModelKey::new(&manifest.name, &manifest.version, manifest.release);
+        let feedback_spec = Arc::new(ModelSpec::from_manifest(&manifest, model.class_labels()));
         Loaded {
+            drift,
+            feedback_key,
+            feedback_spec,
             distributions,
             name: manifest.name.clone(),
             release: manifest.release,
@@ -437,12 +456,77 @@ pub fn predict_with(
         loaded.distributions.observe(&loaded.manifest, row, &obj);
         outputs.push(obj);
     }
+    observe_drift(&loaded, rows, &outputs);
     c.ok.fetch_add(1, Ordering::Relaxed);
     c.rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
     c.nan_rows.fetch_add(nan, Ordering::Relaxed);
     // per-row latency, so batches and single rows compare with the install measurement
     c.observe_latency(start.elapsed().as_micros() as u64 / rows.len().max(1) as u64);
     Ok(Prediction { outputs, loaded })
+}
+
+/// The value of reference feature `name` (position `pos` in the schema) in a request row:
+/// by name, or by position when the row holds one input with the whole feature vector.
+/// NaN when absent or not a number (drift counts it as missing).
+fn feature_value(row: &Map<String, Value>, name: &str, pos: usize) -> f64 {
+    match row.get(name) {
+        Some(v) => v.as_f64().unwrap_or(f64::NAN),
+        None if row.len() == 1 => row
+            .values()
+            .next()
+            .and_then(Value::as_array)
+            .and_then(|a| a.get(pos))
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN),
+        None => f64::NAN,
+    }
+}
+
+/// The prediction score the bundle's prediction profile describes, from a rendered row.
+pub fn prediction_score(p: &PredictionProfile, out: &Map<String, Value>) -> Option<f64> {
+    let v = out.get(&p.output)?;
+    let top = |it: &mut dyn Iterator<Item = &Value>| it.filter_map(Value::as_f64).reduce(f64::max);
+    match (v, p.score, &p.class) {
+        (Value::Object(o), PredictionScore::ClassProbability, Some(c)) => {
+            o.get(c).and_then(Value::as_f64)
+        }
+        (Value::Object(o), _, _) => top(&mut o.values()),
+        (Value::Array(a), PredictionScore::TopProbability, _) => top(&mut a.iter()),
+        (Value::Array(a), PredictionScore::Value, _) if a.len() == 1 => a[0].as_f64(),
+        (Value::Array(_), _, _) => None,
+        (other, _, _) => other.as_f64(),
+    }
+}
+
+/// Counts the rows and their prediction scores in the version's drift window (one lock per
+/// request; the binning is a binary search per feature).
+fn observe_drift(l: &Loaded, rows: &[Map<String, Value>], outputs: &[Map<String, Value>]) {
+    let Some(drift) = &l.drift else { return };
+    let Some(reference) = l.manifest.reference.as_ref() else {
+        return;
+    };
+    let n = reference.features.len();
+    let schema = &l.manifest.schema.features;
+    let mut values = Vec::with_capacity(n * rows.len());
+    for row in rows {
+        for (i, f) in reference.features.iter().enumerate() {
+            let pos = schema.iter().position(|s| s.name == f.name).unwrap_or(i);
+            values.push(feature_value(row, &f.name, pos));
+        }
+    }
+    let scores: Vec<Option<f64>> = match &reference.predictions {
+        Some(p) => outputs.iter().map(|o| prediction_score(p, o)).collect(),
+        None => Vec::new(),
+    };
+    let Ok(mut d) = drift.lock() else { return };
+    if n > 0 {
+        for chunk in values.chunks_exact(n) {
+            let _ = d.observe_row(chunk);
+        }
+    }
+    for s in scores {
+        d.observe_prediction(s.unwrap_or(f64::NAN));
+    }
 }
 
 fn row_error(row: usize, e: InputError) -> RowError {

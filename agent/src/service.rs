@@ -48,6 +48,28 @@ pub struct AppState {
     pub mqtt: Arc<crate::mqtt::MqttCounters>,
     /// Runs inference for the HTTP and MQTT APIs.
     pub pool: Arc<crate::pool::ScoringPool>,
+    /// The outbox of records for the fleet.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Recent predictions and their ground truth.
+    pub feedback: Arc<crate::feedback::Feedback>,
+    pub sync: Arc<crate::sync::SyncCounters>,
+    /// The latest system health sample.
+    pub health_sample: Arc<Mutex<Option<crate::system::HealthSample>>>,
+}
+
+impl AppState {
+    /// Makes `l` the active version of its model (a pointer swap) and registers it with the
+    /// feedback loop.
+    pub fn activate(&self, l: Arc<Loaded>) {
+        self.feedback
+            .register(&l.feedback_key, (*l.feedback_spec).clone());
+        self.registry.activate(l);
+    }
+
+    /// The status block of the outbox and the sync (for `status --json` and the socket).
+    pub fn telemetry_status(&self) -> serde_json::Value {
+        crate::metrics::telemetry_json(self)
+    }
 }
 
 /// Why the service could not start or stopped with an error.
@@ -107,6 +129,9 @@ impl Ctx {
             };
             let mut l = Loaded::new(manifest, model);
             l.range_margin = self.state.config.inputs.margin();
+            self.state
+                .feedback
+                .register(&l.feedback_key, (*l.feedback_spec).clone());
             Candidate::new(Arc::new(l), mode)
         });
         self.state.registry.set_candidate(name, candidate);
@@ -148,7 +173,7 @@ impl Ctx {
             Ok(r) => {
                 let baseline = self.previous_p99(&r.name);
                 let loaded = self.load(&r.name, baseline)?;
-                self.state.registry.activate(loaded);
+                self.state.activate(loaded);
                 self.state.registry.set_candidate(&r.name, None);
                 self.state
                     .lifecycle
@@ -206,7 +231,7 @@ impl Ctx {
                         bump(&self.state.lifecycle.rollbacks, health_reason_key(&reason));
                         match self.load(&s.name, None) {
                             Ok(prev) => {
-                                self.state.registry.activate(prev);
+                                self.state.activate(prev);
                             }
                             Err(e) => {
                                 tracing::error!(model = %s.name, error = %e, "loading the previous version failed")
@@ -297,7 +322,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
-    let store = Store::open(&StoreConfig {
+    crate::telemetry::started_at_ms();
+    let mut store = Store::open(&StoreConfig {
         root: config.state_dir.clone(),
         trust_root: config.trust_root.clone(),
         keyring: config.keyring.clone(),
@@ -305,6 +331,23 @@ pub async fn run(
         latency_runs: config.install.latency_runs,
     })?;
     let registry = Arc::new(Registry::default());
+    let telemetry = Arc::new(
+        crate::telemetry::Telemetry::open(&config, store.root())
+            .map_err(|e| ServiceError::Io(format!("outbox: {e}")))?,
+    );
+    let feedback = Arc::new(
+        crate::feedback::Feedback::new(config.feedback.clone())
+            .map_err(|e| ServiceError::Io(e.to_string()))?,
+    );
+    {
+        // store events (installs, rollbacks, commits...) also go to the fleet
+        let t = telemetry.clone();
+        store.set_event_sink(Arc::new(
+            move |model: &str, event: &str, detail: &serde_json::Value| {
+                t.event(model, event, detail.clone())
+            },
+        ));
+    }
     let policy = HealthPolicy {
         window: Duration::from_secs(config.health.window_secs),
         min_predictions: config.health.min_predictions,
@@ -320,12 +363,13 @@ pub async fn run(
         lifecycle: LifecycleCounters::default(),
         mqtt: Arc::new(crate::mqtt::MqttCounters::default()),
         pool: Arc::new(
-            crate::pool::ScoringPool::new(
-                config.http.scoring_threads,
-                crate::http::MAX_IN_FLIGHT,
-            )
-            .map_err(|e| ServiceError::Io(format!("cannot start the scoring threads: {e}")))?,
+            crate::pool::ScoringPool::new(config.http.scoring_threads, crate::http::MAX_IN_FLIGHT)
+                .map_err(|e| ServiceError::Io(format!("cannot start the scoring threads: {e}")))?,
         ),
+        telemetry: telemetry.clone(),
+        feedback,
+        sync: Arc::new(crate::sync::SyncCounters::default()),
+        health_sample: Arc::new(Mutex::new(None)),
     });
     let root = store.root().to_path_buf();
     let ctx = Arc::new(Ctx {
@@ -343,7 +387,7 @@ pub async fn run(
         let baseline = s.previous.as_ref().map(|p| p.latency_p99_us.max(1));
         match ctx.load(&s.name, baseline) {
             Ok(l) => {
-                registry.activate(l);
+                state.activate(l);
                 if let Err(e) = ctx.load_candidate(&s.name) {
                     tracing::error!(model = %s.name, error = %e, "candidate does not load; ignored");
                 }
@@ -357,7 +401,7 @@ pub async fn run(
                     .unwrap_or(false);
                 if ok {
                     if let Ok(l) = ctx.load(&s.name, None) {
-                        registry.activate(l);
+                        state.activate(l);
                     }
                 }
             }
@@ -423,8 +467,72 @@ pub async fn run(
             registry.clone(),
             state.pool.clone(),
             state.mqtt.clone(),
+            {
+                let st = state.clone();
+                Arc::new(move |body: &[u8]| crate::telemetry::receive_feedback(&st, body).1)
+            },
             token.clone(),
         ));
+    }
+
+    // Records for the fleet: telemetry/drift/feedback windows and health samples.
+    {
+        let producer = Arc::new(Mutex::new(crate::telemetry::Producer::new(
+            state.clone(),
+            &root,
+        )));
+        let token = token.clone();
+        let window = Duration::from_secs(config.telemetry.window_secs);
+        let health = Duration::from_secs(config.telemetry.health_secs);
+        tasks.spawn(async move {
+            let mut window_tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + window, window);
+            let mut health_tick = tokio::time::interval(health);
+            window_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let cut_window = tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = window_tick.tick() => true,
+                    _ = health_tick.tick() => false,
+                };
+                let p = producer.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Ok(mut p) = p.lock() {
+                        if cut_window {
+                            p.window()
+                        } else {
+                            p.health()
+                        }
+                    }
+                })
+                .await;
+            }
+            // the last partial window is produced before the store is flushed
+            let p = producer.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Ok(mut p) = p.lock() {
+                    p.window();
+                }
+            })
+            .await;
+        });
+    }
+
+    // Sync of the outbox to the fleet broker.
+    if let (Some(sync), Some(outbox)) = (config.sync.clone(), telemetry.outbox().cloned()) {
+        let st = state.clone();
+        let status: Arc<dyn Fn() -> shared::wire::Birth + Send + Sync> =
+            Arc::new(move || crate::telemetry::birth(&st.device_id, &st.registry));
+        let (counters, wake, token) = (state.sync.clone(), telemetry.wake.clone(), token.clone());
+        let device = state.device_id.clone();
+        tasks.spawn(async move {
+            if let Err(e) =
+                crate::sync::run(sync, device, outbox, status, counters, wake, token).await
+            {
+                tracing::error!(error = %e, "sync stopped");
+            }
+        });
     }
 
     // Watchdog pings.
@@ -471,6 +579,7 @@ pub async fn run(
         .flatten()
         .is_some()
     {}
+    telemetry.flush();
     tracing::info!("stopped");
     Ok(())
 }
@@ -482,6 +591,15 @@ async fn admin_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) -> std::io::R
     let mut r = BufReader::new(r).take(MAX_ADMIN_LINE as u64);
     r.read_line(&mut line).await?;
     let req: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+    if req["op"] == "telemetry" {
+        let st = ctx.state.clone();
+        let t = tokio::task::spawn_blocking(move || st.telemetry_status())
+            .await
+            .unwrap_or_default();
+        let resp = serde_json::json!({"ok": true, "telemetry": t});
+        w.write_all(format!("{resp}\n").as_bytes()).await?;
+        return Ok(());
+    }
     let c = ctx.clone();
     let job = move || -> Result<String, StoreError> {
         let model = req["model"].as_str().unwrap_or_default().to_string();
@@ -502,7 +620,7 @@ async fn admin_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) -> std::io::R
                     .to_string();
                 let st = c.store()?.rollback(&model, &reason)?;
                 let l = c.load(&model, None)?;
-                c.state.registry.activate(l);
+                c.state.activate(l);
                 bump(&c.state.lifecycle.rollbacks, "operator");
                 Ok(format!(
                     "{model}: release {} active again",
@@ -513,7 +631,7 @@ async fn admin_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) -> std::io::R
                 let st = c.store()?.promote(&model)?;
                 let baseline = st.previous.as_ref().map(|p| p.latency_p99_us.max(1));
                 let l = c.load(&model, baseline)?;
-                c.state.registry.activate(l);
+                c.state.activate(l);
                 c.state.registry.set_candidate(&model, None);
                 Ok(format!(
                     "{model}: release {} promoted to active",

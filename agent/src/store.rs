@@ -183,14 +183,25 @@ fn fault_point(step: Step) {
     }
 }
 
+/// Where events go besides `events.jsonl` (the service sends them to the outbox).
+pub type EventSink = std::sync::Arc<dyn Fn(&str, &str, &serde_json::Value) + Send + Sync>;
+
 /// The state directory, opened and locked.
-#[derive(Debug)]
 pub struct Store {
     root: PathBuf,
     trust: Trust,
     limits: Limits,
     latency_runs: u32,
     _lock: File,
+    event_sink: Option<EventSink>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Opening parameters.
@@ -306,6 +317,7 @@ impl Store {
             },
             latency_runs: cfg.latency_runs.max(1),
             _lock: lock,
+            event_sink: None,
         };
         store.recover()?;
         Ok(store)
@@ -363,8 +375,17 @@ impl Store {
         Ok(())
     }
 
-    /// Appends an event to `events.jsonl` (rotated to `events.1.jsonl` beyond 4 MiB).
+    /// Sends every later event to `sink` as well.
+    pub fn set_event_sink(&mut self, sink: EventSink) {
+        self.event_sink = Some(sink);
+    }
+
+    /// Appends an event to `events.jsonl` (rotated to `events.1.jsonl` beyond 4 MiB) and
+    /// hands it to the event sink.
     pub fn event(&self, model: &str, event: &str, detail: serde_json::Value) {
+        if let Some(sink) = &self.event_sink {
+            sink(model, event, &detail);
+        }
         let path = self.root.join("events.jsonl");
         if std::fs::metadata(&path).is_ok_and(|m| m.len() > MAX_EVENTS_BYTES) {
             let _ = std::fs::rename(&path, self.root.join("events.1.jsonl"));

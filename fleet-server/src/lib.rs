@@ -3,3 +3,4 @@
 #![forbid(unsafe_code)]
 
 pub mod ctl;
+pub mod ingest;

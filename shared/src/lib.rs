@@ -7,3 +7,4 @@ pub mod drift;
 pub mod engine;
 pub mod metrics;
 pub mod trust;
+pub mod wire;

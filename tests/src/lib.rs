@@ -235,3 +235,100 @@ pub fn build_bundle(dir: &Path, model: &Path, name: &str, release: &str, out: &s
         ],
     );
 }
+
+/// Whether Mosquitto is installed; when it is not, prints `SKIPPED <what>: ...` and returns
+/// false, unless `E2E_REQUIRE_TOOLS` is set (then it fails).
+pub fn mosquitto_or_skip(what: &str) -> bool {
+    if Command::new("mosquitto").arg("-h").output().is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("E2E_REQUIRE_TOOLS").is_none(),
+        "mosquitto is required (E2E_REQUIRE_TOOLS is set)"
+    );
+    eprintln!("SKIPPED {what}: mosquitto not installed");
+    false
+}
+
+/// A real Mosquitto broker on a fixed loopback port with a generated config file; it can be
+/// killed with SIGKILL and restarted on the same port. Killed when dropped.
+pub struct Mosquitto {
+    pub port: u16,
+    conf: PathBuf,
+    child: Option<ChildGuard>,
+}
+
+impl Mosquitto {
+    /// A plain (anonymous, no persistence) listener on a free port.
+    pub fn start(dir: &Path) -> Mosquitto {
+        Mosquitto::start_on(dir, free_port())
+    }
+
+    /// A plain listener on `port`.
+    pub fn start_on(dir: &Path, port: u16) -> Mosquitto {
+        Mosquitto::with_config(
+            dir,
+            port,
+            &format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+    }
+
+    /// A broker with the given full config; `port` is the one waited for (the first
+    /// listener).
+    pub fn with_config(dir: &Path, port: u16, config: &str) -> Mosquitto {
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        std::fs::write(&conf, config).expect("write mosquitto config");
+        let mut m = Mosquitto {
+            port,
+            conf,
+            child: None,
+        };
+        m.restart();
+        m
+    }
+
+    /// `mqtt://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL (no clean shutdown), then reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.0.kill();
+            let _ = c.0.wait();
+        }
+    }
+
+    /// Starts it (again) on the same port and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let mut child = ChildGuard(
+                Command::new("mosquitto")
+                    .arg("-c")
+                    .arg(&self.conf)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("start mosquitto"),
+            );
+            let port = self.port;
+            let up = wait_until(std::time::Duration::from_secs(5), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                    || matches!(child.0.try_wait(), Ok(Some(_)))
+            });
+            if up && matches!(child.0.try_wait(), Ok(None)) {
+                self.child = Some(child);
+                return;
+            }
+            // the port may still be held for a moment after a kill: retry
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not start on port {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}

@@ -14,6 +14,10 @@ mod install;
 mod mqtt;
 #[path = "e2e/service.rs"]
 mod service;
+#[path = "e2e/sync.rs"]
+mod sync;
+#[path = "e2e/telemetry.rs"]
+mod telemetry;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

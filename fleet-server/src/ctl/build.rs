@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use serde_json::{json, Map, Value};
-use shared::bundle::manifest::{check_model_name, GroupMetrics, RequirementResult};
+use shared::bundle::manifest::{
+    check_model_name, GroupMetrics, PredictionProfile, PredictionScore, RequirementResult,
+};
 use shared::bundle::{
     self, Compatibility, DataFile, FeatureSchema, Golden, GoldenSample, Limits, Manifest, Payload,
     Provenance, ReferenceProfile, Schema, Signoff, TensorSchema, MANIFEST_FORMAT,
@@ -556,6 +558,88 @@ fn regress(
     ))
 }
 
+/// The profile of the model's prediction score over `d`'s rows: a regressor's value; a
+/// classifier's probability of the positive class (`--positive-label`, or the second class
+/// of a binary classifier), else its top probability. `None` for a classifier without a
+/// probability output.
+fn prediction_profile(
+    args: &BuildArgs,
+    model: &Model,
+    task: Task,
+    d: &Data,
+) -> Result<Option<PredictionProfile>, String> {
+    let outputs = model.outputs();
+    let mut values = Vec::with_capacity(d.t.records.len());
+    let (out_ix, kind, class) = match task {
+        Task::Regression => {
+            let ix = outputs
+                .iter()
+                .position(|o| matches!(o.elem, ElemType::F32 | ElemType::F64))
+                .ok_or("the model has no float output")?;
+            (ix, PredictionScore::Value, None)
+        }
+        Task::Classification => {
+            let Some(labels) = model.class_labels() else {
+                return Err("the model has no classifier node with class labels".into());
+            };
+            let classes: Vec<String> = (0..labels.len()).map(|i| labels.key(i)).collect();
+            let Some(ix) = outputs.iter().position(|o| {
+                o.zipmap.is_some() || matches!(o.elem, ElemType::F32 | ElemType::F64)
+            }) else {
+                return Ok(None);
+            };
+            let positive = match &args.positive_label {
+                Some(p) => {
+                    let key = truth_key(labels, p).unwrap_or_default();
+                    Some(
+                        classes
+                            .iter()
+                            .position(|c| *c == key)
+                            .ok_or_else(|| format!("--positive-label {p:?} is not a class"))?,
+                    )
+                }
+                None if classes.len() == 2 => Some(1),
+                None => None,
+            };
+            match positive {
+                Some(p) => (
+                    ix,
+                    PredictionScore::ClassProbability,
+                    Some((p, classes[p].clone())),
+                ),
+                None => (ix, PredictionScore::TopProbability, None),
+            }
+        }
+    };
+    let name = &outputs[out_ix].name;
+    score(model, d.t, d.layout, d.cols, |_, out, i| {
+        let v = model.render(out, out_ix, i);
+        let x = match (&v, kind, &class) {
+            (Value::Object(o), PredictionScore::ClassProbability, Some((_, c))) => {
+                o.get(c).and_then(Value::as_f64)
+            }
+            (Value::Object(o), _, _) => o.values().filter_map(Value::as_f64).reduce(f64::max),
+            (Value::Array(a), PredictionScore::ClassProbability, Some((k, _))) => {
+                a.get(*k).and_then(Value::as_f64)
+            }
+            (Value::Array(a), PredictionScore::TopProbability, _) => {
+                a.iter().filter_map(Value::as_f64).reduce(f64::max)
+            }
+            (Value::Array(a), _, _) if a.len() == 1 => a[0].as_f64(),
+            (other, _, _) => other.as_f64(),
+        };
+        values.push(x.unwrap_or(f64::NAN));
+        Ok(())
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(Some(PredictionProfile {
+        output: name.clone(),
+        score: kind,
+        class: class.map(|(_, c)| c),
+        profile: shared::drift::profile("prediction", &values, args.bins as usize),
+    }))
+}
+
 fn finish_signoff(
     task: &str,
     args: &BuildArgs,
@@ -767,6 +851,7 @@ pub fn build(args: &BuildArgs) -> Result<Output, CtlError> {
             profile = Some(ReferenceProfile {
                 rows: t.records.len() as u64,
                 features: profiles,
+                predictions: None,
             });
         }
     }
@@ -777,6 +862,20 @@ pub fn build(args: &BuildArgs) -> Result<Output, CtlError> {
     } else {
         Task::Regression
     });
+    // Prediction drift reference: the model's score on the reference rows.
+    if let (Some(t), Some(p)) = (reference.as_ref(), profile.as_mut()) {
+        let cols = feature_columns(t, &layout)?;
+        let d = Data {
+            t,
+            layout: &layout,
+            cols: &cols,
+        };
+        match prediction_profile(args, &model, task, &d) {
+            Ok(pp) => p.predictions = pp,
+            Err(e) => notes.push(format!("no prediction drift profile: {e}")),
+        }
+    }
+
     let mut signed = None;
     if let (Some(t), Some(label)) = (&holdout, &args.label_column) {
         let cols = feature_columns(t, &layout)?;

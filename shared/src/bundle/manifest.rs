@@ -98,6 +98,36 @@ pub struct FeatureSchema {
 pub struct ReferenceProfile {
     pub rows: u64,
     pub features: Vec<FeatureProfile>,
+    /// The distribution of the model's prediction score over the reference rows. Optional:
+    /// bundles built before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictions: Option<PredictionProfile>,
+}
+
+/// The reference distribution of a prediction score, and which score it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PredictionProfile {
+    /// The model output the score is read from.
+    pub output: String,
+    pub score: PredictionScore,
+    /// The class whose probability is the score (`class_probability` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// The profile of the score (`name` is `prediction`).
+    pub profile: FeatureProfile,
+}
+
+/// Which number of a row's output is the prediction score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionScore {
+    /// A regressor's predicted value.
+    Value,
+    /// A classifier's probability of `class` (the positive class).
+    ClassProbability,
+    /// A classifier's highest class probability.
+    TopProbability,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,443 @@
+//! Telemetry: every record the agent produces for the fleet (telemetry windows, drift and
+//! feedback summaries, health samples, events) is built here and appended to the outbox,
+//! which makes it "produced"; the sync task is woken after each append.
+//!
+//! Record bodies are JSON objects with a `kind` (`telemetry_window`, `drift_summary`,
+//! `feedback_summary`, `health_sample`, `event`), documented in
+//! `shared/docs/mqtt-protocol.md`. Producing never blocks inference: windows are cut on a
+//! timer off the request path, a failed append is counted (the outbox counts `io` drops) and
+//! logged, never retried in a loop, and without an outbox the record is counted as dropped.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+use shared::drift::{AlertTracker, Privatizer};
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::outbox::{now_ms, Class, Outbox, OutboxError, OutboxStats};
+use crate::runtime::{Loaded, LATENCY_BUCKETS_US};
+use crate::service::AppState;
+use crate::system::{HealthMonitor, HealthSample, LatencyWindow, ServingInput, SystemSampler};
+
+/// The outbox handle plus what the service needs around it.
+#[derive(Debug)]
+pub struct Telemetry {
+    outbox: Option<Outbox>,
+    /// Woken after every append (the sync task waits on it).
+    pub wake: Arc<Notify>,
+    /// Records that could not be stored because the outbox could not be opened at all.
+    pub unavailable: AtomicU64,
+    /// Why the outbox is unavailable, if it is.
+    pub open_error: Option<String>,
+}
+
+impl Telemetry {
+    /// Opens `<state_dir>/outbox`. A database sled cannot open is quarantined and replaced
+    /// (an event says so); one that cannot be opened at all leaves the agent running without
+    /// an outbox (records counted as dropped), never in a crash loop. Another process holding
+    /// the database is an error: two agents on one state directory.
+    pub fn open(config: &Config, root: &Path) -> Result<Telemetry, OutboxError> {
+        let dir = root.join("outbox");
+        let t = match Outbox::open(&dir, &config.outbox) {
+            Ok((outbox, quarantined)) => {
+                let t = Telemetry {
+                    outbox: Some(outbox),
+                    wake: Arc::new(Notify::new()),
+                    unavailable: AtomicU64::new(0),
+                    open_error: None,
+                };
+                if let Some(q) = quarantined {
+                    tracing::error!(moved_to = %q.moved_to.display(), error = %q.error, "outbox database did not open; quarantined and recreated");
+                    t.event(
+                        "",
+                        "outbox_quarantined",
+                        json!({"moved_to": q.moved_to.display().to_string(), "error": q.error}),
+                    );
+                }
+                t
+            }
+            Err(e @ OutboxError::Locked { .. }) => return Err(e),
+            Err(e) => {
+                tracing::error!(error = %e, "outbox unavailable; records will be counted as dropped");
+                Telemetry {
+                    outbox: None,
+                    wake: Arc::new(Notify::new()),
+                    unavailable: AtomicU64::new(0),
+                    open_error: Some(e.to_string()),
+                }
+            }
+        };
+        Ok(t)
+    }
+
+    pub fn outbox(&self) -> Option<&Outbox> {
+        self.outbox.as_ref()
+    }
+
+    /// Appends records (one durable batch) and wakes the sync task. Blocking (an fsync):
+    /// call it off the async workers.
+    pub fn emit(&self, records: Vec<(Class, Value)>) {
+        if records.is_empty() {
+            return;
+        }
+        let Some(outbox) = &self.outbox else {
+            self.unavailable
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            return;
+        };
+        let encoded: Vec<(Class, Vec<u8>)> = records
+            .into_iter()
+            .filter_map(|(c, v)| serde_json::to_vec(&v).ok().map(|b| (c, b)))
+            .collect();
+        match outbox.append(&encoded) {
+            Ok(_) => self.wake.notify_one(),
+            Err(e) => tracing::warn!(error = %e, records = encoded.len(), "outbox append failed"),
+        }
+    }
+
+    /// Appends one event record.
+    pub fn event(&self, model: &str, event: &str, detail: Value) {
+        self.emit(vec![(Class::Event, event_body(model, event, detail))]);
+    }
+
+    pub fn stats(&self) -> Option<OutboxStats> {
+        self.outbox.as_ref().map(Outbox::stats)
+    }
+
+    /// Flushes the outbox (shutdown).
+    pub fn flush(&self) {
+        if let Some(o) = &self.outbox {
+            if let Err(e) = o.flush() {
+                tracing::warn!(error = %e, "outbox flush failed");
+            }
+        }
+    }
+}
+
+/// When this process started (Unix ms), for the birth message.
+pub fn started_at_ms() -> u64 {
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *START.get_or_init(now_ms)
+}
+
+/// The retained birth message: this device, the agent version, the versions it serves.
+pub fn birth(device: &str, registry: &crate::runtime::Registry) -> shared::wire::Birth {
+    let mut models: Vec<shared::wire::ModelVersion> = registry
+        .all()
+        .iter()
+        .map(|l| shared::wire::ModelVersion {
+            name: l.name.clone(),
+            version: l.version.clone(),
+            release: Some(l.release),
+            role: "active".into(),
+        })
+        .collect();
+    for c in registry.candidates() {
+        models.push(shared::wire::ModelVersion {
+            name: c.loaded.name.clone(),
+            version: c.loaded.version.clone(),
+            release: Some(c.loaded.release),
+            role: match c.mode {
+                crate::runtime::CandidateMode::Shadow => "shadow".into(),
+                crate::runtime::CandidateMode::Split(_) => "split".into(),
+            },
+        });
+    }
+    shared::wire::Birth {
+        v: shared::wire::VERSION,
+        device: device.to_string(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        models,
+        started_at_ms: started_at_ms(),
+        sent_at_ms: 0,
+    }
+}
+
+/// Applies a `POST /v1/feedback` (or MQTT feedback) body: the HTTP status and the response
+/// body. Concept-drift flag changes become events. Blocking (an event is an outbox append).
+pub fn receive_feedback(state: &AppState, body: &[u8]) -> (u16, Value) {
+    use crate::feedback::{parse_request, DriftChange, FeedbackRequest};
+    let req = match parse_request(body) {
+        Ok(r) => r,
+        Err(e) => return (400, json!({"error": e.to_string()})),
+    };
+    let single = matches!(req, FeedbackRequest::One(_));
+    let outcome = state.feedback.apply_batch(req.into_items());
+    let events: Vec<(Class, Value)> = outcome
+        .drift_changes
+        .iter()
+        .map(|(k, ch)| {
+            let (name, z) = match ch {
+                DriftChange::Started { z } => ("concept_drift_started", z),
+                DriftChange::Cleared { z } => ("concept_drift_cleared", z),
+            };
+            (
+                Class::Event,
+                event_body(
+                    &k.name,
+                    name,
+                    json!({"version": &*k.version, "release": k.release, "z": z}),
+                ),
+            )
+        })
+        .collect();
+    state.telemetry.emit(events);
+    if single {
+        let item = outcome.items.into_iter().next();
+        let status = match &item {
+            Some(i) if i.status == "refused" => match i.reason.as_deref() {
+                Some("unknown_id") | Some("expired") => 404,
+                Some("already_labelled") => 409,
+                _ => 422,
+            },
+            _ => 200,
+        };
+        return (status, serde_json::to_value(item).unwrap_or_default());
+    }
+    (
+        200,
+        json!({
+            "applied": outcome.applied,
+            "duplicates": outcome.duplicates,
+            "refused": outcome.refused,
+            "results": outcome.items,
+        }),
+    )
+}
+
+/// The body of an event record.
+pub fn event_body(model: &str, event: &str, detail: Value) -> Value {
+    json!({
+        "kind": "event",
+        "event": event,
+        "model": model,
+        "at_ms": now_ms(),
+        "detail": detail,
+    })
+}
+
+/// Cumulative counters of one version at the previous window.
+#[derive(Debug, Clone, Default)]
+struct Snapshot {
+    ok: u64,
+    failed: u64,
+    invalid: u64,
+    rows: u64,
+    nan_rows: u64,
+    latency: Vec<u64>,
+}
+
+fn snapshot(l: &Loaded) -> Snapshot {
+    let c = &l.counters;
+    Snapshot {
+        ok: c.ok.load(Ordering::Relaxed),
+        failed: c.failed.load(Ordering::Relaxed),
+        invalid: c.invalid.load(Ordering::Relaxed),
+        rows: c.rows.load(Ordering::Relaxed),
+        nan_rows: c.nan_rows.load(Ordering::Relaxed),
+        latency: c
+            .latency
+            .iter()
+            .map(|x| x.load(Ordering::Relaxed))
+            .collect(),
+    }
+}
+
+/// Quantile of a bucket histogram (upper bound of the bucket holding it).
+fn bucket_quantile(counts: &[u64], q: f64) -> Option<u64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let want = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= want {
+            return Some(LATENCY_BUCKETS_US.get(i).copied().unwrap_or(u64::MAX));
+        }
+    }
+    None
+}
+
+/// Cuts windows and samples: owned by one periodic task, run on the blocking pool.
+pub struct Producer {
+    state: Arc<AppState>,
+    window_start_ms: u64,
+    last: HashMap<(String, u64), Snapshot>,
+    trackers: HashMap<(String, u64), AlertTracker>,
+    privatizer: Option<Privatizer>,
+    sampler: SystemSampler,
+    latency: LatencyWindow,
+    monitor: HealthMonitor,
+    /// The most recent health sample (for `/metrics` and status).
+    pub last_sample: Arc<Mutex<Option<HealthSample>>>,
+}
+
+impl Producer {
+    pub fn new(state: Arc<AppState>, root: &Path) -> Producer {
+        let privatizer = state.config.drift.privacy.clone().and_then(|p| {
+            Privatizer::new(p)
+                .map_err(|e| tracing::error!(error = %e, "drift privacy disabled"))
+                .ok()
+        });
+        let last_sample = state.health_sample.clone();
+        Producer {
+            state,
+            window_start_ms: now_ms(),
+            last: HashMap::new(),
+            trackers: HashMap::new(),
+            privatizer,
+            sampler: SystemSampler::new(root),
+            latency: LatencyWindow::new(),
+            monitor: HealthMonitor::with_defaults(),
+            last_sample,
+        }
+    }
+
+    /// Cuts the telemetry, drift and feedback window of every active version.
+    pub fn window(&mut self) {
+        let end = now_ms();
+        let start = std::mem::replace(&mut self.window_start_ms, end);
+        let mut records = Vec::new();
+        let mut events = Vec::new();
+        let models = self.state.registry.all();
+        let mut seen = Vec::new();
+        for l in &models {
+            let key = (l.name.clone(), l.release);
+            seen.push(key.clone());
+            let now = snapshot(l);
+            let prev = self
+                .last
+                .insert(key.clone(), now.clone())
+                .unwrap_or_default();
+            let lat: Vec<u64> = now
+                .latency
+                .iter()
+                .zip(prev.latency.iter().chain(std::iter::repeat(&0)))
+                .map(|(a, b)| a.saturating_sub(*b))
+                .collect();
+            let requests_ok = now.ok.saturating_sub(prev.ok);
+            records.push((
+                Class::Telemetry,
+                json!({
+                    "kind": "telemetry_window",
+                    "model": l.name,
+                    "version": l.version,
+                    "release": l.release,
+                    "start_ms": start,
+                    "end_ms": end,
+                    "requests_ok": requests_ok,
+                    "requests_failed": now.failed.saturating_sub(prev.failed),
+                    "requests_invalid": now.invalid.saturating_sub(prev.invalid),
+                    "rows": now.rows.saturating_sub(prev.rows),
+                    "nan_rows": now.nan_rows.saturating_sub(prev.nan_rows),
+                    "latency_p50_us": bucket_quantile(&lat, 0.5),
+                    "latency_p90_us": bucket_quantile(&lat, 0.9),
+                    "latency_p99_us": bucket_quantile(&lat, 0.99),
+                }),
+            ));
+            if let Some(d) = &l.drift {
+                let summary = d.lock().ok().map(|mut d| d.take_summary(start, end));
+                if let Some(mut summary) = summary {
+                    if let (Some(p), Some(r)) =
+                        (&mut self.privatizer, l.manifest.reference.as_ref())
+                    {
+                        if let Err(e) = p.apply(&mut summary, r) {
+                            tracing::warn!(error = %e, "drift privacy not applied");
+                        }
+                    }
+                    let tracker = self.trackers.entry(key.clone()).or_insert_with(|| {
+                        AlertTracker::new(self.state.config.drift.alert.clone())
+                    });
+                    for ch in tracker.update(&mut summary) {
+                        events.push(event_body(
+                            &l.name,
+                            if ch.raised {
+                                "drift_alert_raised"
+                            } else {
+                                "drift_alert_cleared"
+                            },
+                            json!({
+                                "release": l.release,
+                                "feature": ch.feature,
+                                "prediction": ch.prediction,
+                                "metric": self.state.config.drift.alert.metric,
+                                "value": ch.value,
+                                "threshold": self.state.config.drift.alert.threshold,
+                            }),
+                        ));
+                    }
+                    records.push((
+                        Class::Drift,
+                        json!({
+                            "kind": "drift_summary",
+                            "model": l.name,
+                            "version": l.version,
+                            "release": l.release,
+                            "summary": summary,
+                        }),
+                    ));
+                }
+            }
+            if let Some(f) = self.state.feedback.summary(&l.feedback_key) {
+                records.push((
+                    Class::Drift,
+                    json!({"kind": "feedback_summary", "model": l.name, "release": l.release, "summary": f}),
+                ));
+            }
+        }
+        self.last.retain(|k, _| seen.contains(k));
+        self.trackers.retain(|k, _| seen.contains(k));
+        records.extend(events.into_iter().map(|e| (Class::Event, e)));
+        self.state.telemetry.emit(records);
+    }
+
+    /// Samples system health, runs the control charts, emits the sample and any flag.
+    pub fn health(&mut self) {
+        let models = self.state.registry.all();
+        let mut input = ServingInput::default();
+        let mut buckets = vec![0u64; LATENCY_BUCKETS_US.len() + 1];
+        for l in &models {
+            let s = snapshot(l);
+            input.ok_total += s.ok;
+            input.failed_total += s.failed;
+            input.invalid_total += s.invalid;
+            for (b, v) in buckets.iter_mut().zip(s.latency) {
+                *b += v;
+            }
+        }
+        let [p50, p90, p99] = self.latency.update(&LATENCY_BUCKETS_US, &buckets);
+        input.latency_p50_us = p50;
+        input.latency_p90_us = p90;
+        input.latency_p99_us = p99;
+        let sample = self.sampler.sample(&input);
+        let mut records = vec![(
+            Class::Health,
+            json!({"kind": "health_sample", "sample": sample}),
+        )];
+        for e in self.monitor.observe(&sample) {
+            let name = match serde_json::to_value(e.state) {
+                Ok(Value::String(s)) => format!("spc_{s}"),
+                _ => "spc".to_string(),
+            };
+            records.push((
+                Class::Event,
+                event_body("", &name, serde_json::to_value(&e).unwrap_or_default()),
+            ));
+        }
+        if let Ok(mut last) = self.last_sample.lock() {
+            *last = Some(sample);
+        }
+        self.state.telemetry.emit(records);
+    }
+
+    /// A version was activated: the latency and error charts start a new calibration.
+    pub fn recalibrate(&mut self) {
+        self.monitor.recalibrate(None);
+    }
+}

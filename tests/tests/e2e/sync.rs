@@ -1,0 +1,644 @@
+//! Outbox -> MQTT sync -> fleet ingest through a real Mosquitto broker, in process: every
+//! record stored exactly once and in order across broker kill -9 and restarts and an agent
+//! crash; with a small cap produced = stored + counted drops; TLS, mutual TLS and failover.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use e2e_tests::{free_port, mosquitto_or_skip, scratch, wait_until, Mosquitto};
+use edge_agent::outbox::{Class, Outbox, OutboxConfig};
+use edge_agent::sync::{self, SyncConfig, SyncCounters};
+use fleet_server::ingest::{self, FileStore, IngestConfig, IngestCounters};
+use shared::wire;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn sync_cfg(urls: Vec<String>) -> SyncConfig {
+    SyncConfig {
+        urls,
+        keep_alive_secs: 5,
+        connect_timeout_secs: 3,
+        backoff_min_ms: 50,
+        backoff_max_ms: 500,
+        batch_max_records: 100,
+        batch_max_bytes: 16 * 1024,
+        compress_above_bytes: 4096,
+        window: 4,
+        ack_timeout_ms: 2000,
+        ..SyncConfig::default()
+    }
+}
+
+struct Agent {
+    task: tokio::task::JoinHandle<Result<(), sync::SyncError>>,
+    stop: CancellationToken,
+    counters: Arc<SyncCounters>,
+    wake: Arc<Notify>,
+}
+
+fn start_agent(
+    rt: &tokio::runtime::Runtime,
+    cfg: SyncConfig,
+    device: &str,
+    outbox: &Outbox,
+) -> Agent {
+    let stop = CancellationToken::new();
+    let counters = Arc::new(SyncCounters::default());
+    let wake = Arc::new(Notify::new());
+    let dev = device.to_string();
+    let status: Arc<dyn Fn() -> wire::Birth + Send + Sync> = Arc::new(move || wire::Birth {
+        v: wire::VERSION,
+        device: dev.clone(),
+        agent_version: "test".into(),
+        models: vec![],
+        started_at_ms: 1,
+        sent_at_ms: 0,
+    });
+    let task = rt.spawn(sync::run(
+        cfg,
+        device.to_string(),
+        outbox.clone(),
+        status,
+        counters.clone(),
+        wake.clone(),
+        stop.clone(),
+    ));
+    Agent {
+        task,
+        stop,
+        counters,
+        wake,
+    }
+}
+
+impl Agent {
+    fn stop(self, rt: &tokio::runtime::Runtime) {
+        self.stop.cancel();
+        let r = rt.block_on(self.task).unwrap();
+        assert!(r.is_ok(), "{r:?}");
+    }
+}
+
+struct Fleet {
+    task: tokio::task::JoinHandle<Result<(), ingest::IngestError>>,
+    stop: CancellationToken,
+    counters: Arc<IngestCounters>,
+    dir: PathBuf,
+}
+
+fn start_fleet(rt: &tokio::runtime::Runtime, url: &str, dir: &Path, client_id: &str) -> Fleet {
+    let stop = CancellationToken::new();
+    let counters = Arc::new(IngestCounters::default());
+    let mut cfg = IngestConfig::new(url);
+    cfg.client_id = client_id.into();
+    let store = FileStore::open(dir).unwrap();
+    let task = rt.spawn(ingest::run(cfg, store, counters.clone(), stop.clone()));
+    Fleet {
+        task,
+        stop,
+        counters,
+        dir: dir.to_path_buf(),
+    }
+}
+
+impl Fleet {
+    fn last_seq(&self, device: &str) -> u64 {
+        FileStore::read_state(&self.dir, device)
+            .unwrap()
+            .map_or(0, |s| s.last_seq)
+    }
+
+    fn state(&self, device: &str) -> ingest::DeviceState {
+        FileStore::read_state(&self.dir, device).unwrap().unwrap()
+    }
+
+    fn stop(self, rt: &tokio::runtime::Runtime) {
+        self.stop.cancel();
+        rt.block_on(self.task).unwrap().unwrap();
+    }
+}
+
+/// Appends `n` telemetry records whose body carries the seq they will get (`i`), in batches
+/// of `chunk`; returns the last seq.
+fn produce(outbox: &Outbox, wake: Option<&Notify>, n: u64, chunk: u64) -> u64 {
+    let mut last = outbox.last_seq();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk);
+        let recs: Vec<(Class, Vec<u8>)> = (1..=k)
+            .map(|j| {
+                let i = last + j;
+                let class = if i.is_multiple_of(10) {
+                    Class::Event
+                } else {
+                    Class::Telemetry
+                };
+                (
+                    class,
+                    format!("{{\"i\":{i},\"pad\":\"{}\"}}", "x".repeat(150)).into_bytes(),
+                )
+            })
+            .collect();
+        let r = outbox.append(&recs).unwrap();
+        assert_eq!(r.start, last + 1);
+        last = r.end - 1;
+        left -= k;
+        if let Some(w) = wake {
+            w.notify_one();
+        }
+    }
+    last
+}
+
+/// The fleet store holds exactly seqs 1..=last, in order, each body carrying its seq.
+fn assert_exactly_once(fleet_dir: &Path, device: &str, last: u64) {
+    let recs = FileStore::read_records(fleet_dir, device, usize::MAX).unwrap();
+    let seqs: Vec<u64> = recs.iter().map(|r| r.seq).collect();
+    let want: Vec<u64> = (1..=last).collect();
+    if seqs != want {
+        let dups = seqs.windows(2).filter(|w| w[1] <= w[0]).count();
+        panic!(
+            "stored {} records (expected {last}), {dups} out of order or duplicated; first {:?}",
+            seqs.len(),
+            seqs.iter().take(10).collect::<Vec<_>>()
+        );
+    }
+    for r in &recs {
+        let body: serde_json::Value = serde_json::from_str(r.body.get()).unwrap();
+        assert_eq!(body["i"], r.seq, "body of seq {}", r.seq);
+    }
+}
+
+/// The agent never published a batch that left out a record it had: the fleet refused no
+/// batch for skipping seqs the device did not report dropped (a refusal is recovered by a
+/// replay, so delivery alone would not show it).
+fn assert_no_unaccounted_skip(fleet: &Fleet) {
+    assert_eq!(
+        fleet.counters.unaccounted.load(Ordering::Relaxed),
+        0,
+        "batches skipping records the device still had"
+    );
+}
+
+fn wait_delivered(fleet: &Fleet, outbox: &Outbox, device: &str, last: u64) {
+    assert!(
+        wait_until(Duration::from_secs(90), || fleet.last_seq(device) >= last
+            && outbox.acked_through() >= last),
+        "not delivered: fleet has {} of {last}, outbox acked through {}",
+        fleet.last_seq(device),
+        outbox.acked_through()
+    );
+}
+
+#[test]
+fn sync_broker_killed_while_producing_then_back() {
+    if !mosquitto_or_skip("sync tests") {
+        return;
+    }
+    let rt = runtime();
+    let tmp = scratch();
+    let mut broker = Mosquitto::start(tmp.path());
+    let fleet = start_fleet(&rt, &broker.url(), &tmp.path().join("fleet"), "fleet-a");
+    let (outbox, _) = Outbox::open(&tmp.path().join("outbox"), &OutboxConfig::default()).unwrap();
+    let dev = "press-a";
+    let agent = start_agent(&rt, sync_cfg(vec![broker.url()]), dev, &outbox);
+    let last = produce(&outbox, Some(&agent.wake), 500, 50);
+    wait_delivered(&fleet, &outbox, dev, last);
+    assert!(
+        fleet.counters.births.load(Ordering::Relaxed) >= 1,
+        "birth seen"
+    );
+
+    broker.kill();
+    let last = produce(&outbox, Some(&agent.wake), 3000, 100);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        outbox.acked_through() < last,
+        "nothing acked while the broker is down"
+    );
+    broker.restart();
+    wait_delivered(&fleet, &outbox, dev, last);
+    assert_exactly_once(&fleet.dir, dev, last);
+    assert_no_unaccounted_skip(&fleet);
+    assert!(agent.counters.connects.load(Ordering::Relaxed) >= 2);
+    assert!(agent.counters.reconnects.load(Ordering::Relaxed) >= 1);
+    assert_eq!(
+        outbox.stats().pending_records(),
+        0,
+        "everything acked left the outbox"
+    );
+    let st = fleet.state(dev);
+    assert_eq!(st.received_total(), last);
+    assert_eq!(st.received[&wire::RecordClass::Event], last / 10);
+
+    // clean shutdown publishes the retained death
+    let deaths = fleet.counters.deaths.load(Ordering::Relaxed);
+    agent.stop(&rt);
+    assert!(
+        wait_until(Duration::from_secs(10), || fleet
+            .counters
+            .deaths
+            .load(Ordering::Relaxed)
+            > deaths),
+        "death published on shutdown"
+    );
+    fleet.stop(&rt);
+}
+
+#[test]
+fn sync_broker_restarted_mid_stream() {
+    if !mosquitto_or_skip("sync tests") {
+        return;
+    }
+    let rt = runtime();
+    let tmp = scratch();
+    let mut broker = Mosquitto::start(tmp.path());
+    let fleet = start_fleet(&rt, &broker.url(), &tmp.path().join("fleet"), "fleet-b");
+    let (outbox, _) = Outbox::open(&tmp.path().join("outbox"), &OutboxConfig::default()).unwrap();
+    let dev = "press-b";
+    let agent = start_agent(&rt, sync_cfg(vec![broker.url()]), dev, &outbox);
+    let (ob, wake) = (outbox.clone(), agent.wake.clone());
+    let producer = std::thread::spawn(move || {
+        let mut last = 0;
+        for _ in 0..60 {
+            last = produce(&ob, Some(&wake), 100, 100);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        last
+    });
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(800));
+        broker.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        broker.restart();
+    }
+    let last = producer.join().unwrap();
+    assert_eq!(last, 6000);
+    wait_delivered(&fleet, &outbox, dev, last);
+    assert_exactly_once(&fleet.dir, dev, last);
+    assert_no_unaccounted_skip(&fleet);
+    assert!(agent.counters.connects.load(Ordering::Relaxed) >= 3);
+    agent.stop(&rt);
+    fleet.stop(&rt);
+}
+
+#[test]
+fn sync_agent_crash_between_publish_and_ack() {
+    if !mosquitto_or_skip("sync tests") {
+        return;
+    }
+    let rt = runtime();
+    let tmp = scratch();
+    let broker = Mosquitto::start(tmp.path());
+    let fleet = start_fleet(&rt, &broker.url(), &tmp.path().join("fleet"), "fleet-c");
+    let ob_dir = tmp.path().join("outbox");
+    let dev = "press-c";
+    let mut last = 0;
+    let mut duplicates_before = 0;
+    for round in 0..3 {
+        let (outbox, q) = {
+            // the previous incarnation's handles may take a moment to be released
+            let mut opened = None;
+            assert!(wait_until(Duration::from_secs(10), || {
+                opened = Outbox::open(&ob_dir, &OutboxConfig::default()).ok();
+                opened.is_some()
+            }));
+            opened.unwrap()
+        };
+        assert!(q.is_none(), "the outbox survived the crash");
+        let agent = start_agent(&rt, sync_cfg(vec![broker.url()]), dev, &outbox);
+        last = produce(&outbox, Some(&agent.wake), 2000, 200);
+        if round < 2 {
+            // crash once something is published and not everything is acknowledged
+            assert!(wait_until(Duration::from_secs(30), || {
+                agent.counters.published_batches.load(Ordering::Relaxed) >= 3
+            }));
+            agent.task.abort();
+            let _ = rt.block_on(agent.task);
+            assert!(outbox.acked_through() < last, "crashed before the end");
+            drop(outbox);
+        } else {
+            wait_delivered(&fleet, &outbox, dev, last);
+            agent.stop(&rt);
+        }
+        let st = fleet.state(dev);
+        assert!(st.duplicates >= duplicates_before);
+        duplicates_before = st.duplicates;
+    }
+    assert_eq!(last, 6000);
+    assert_exactly_once(&fleet.dir, dev, last);
+    assert_no_unaccounted_skip(&fleet);
+    assert!(
+        fleet.counters.deaths.load(Ordering::Relaxed) >= 1,
+        "the broker published the last will of the crashed agent"
+    );
+    fleet.stop(&rt);
+}
+
+#[test]
+fn sync_small_cap_produced_equals_stored_plus_drops() {
+    if !mosquitto_or_skip("sync tests") {
+        return;
+    }
+    let rt = runtime();
+    let tmp = scratch();
+    let port = free_port();
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let cfg = OutboxConfig {
+        max_bytes: 64 * 1024,
+        ..OutboxConfig::default()
+    };
+    let (outbox, _) = Outbox::open(&tmp.path().join("outbox"), &cfg).unwrap();
+    let dev = "press-d";
+    // the broker is not there yet: everything piles up in the capped outbox
+    let agent = start_agent(&rt, sync_cfg(vec![url.clone()]), dev, &outbox);
+    let last = produce(&outbox, Some(&agent.wake), 3000, 100);
+    let stats = outbox.stats();
+    let dropped: u64 = Class::ALL
+        .iter()
+        .map(|c| stats.class(*c).dropped_total())
+        .sum();
+    assert!(dropped > 1000, "the cap dropped records ({dropped})");
+    assert_eq!(
+        stats.class(Class::Event).dropped_total(),
+        0,
+        "events outrank telemetry under the cap"
+    );
+    let _broker = Mosquitto::start_on(tmp.path(), port);
+    let fleet = start_fleet(&rt, &url, &tmp.path().join("fleet"), "fleet-d");
+    assert!(
+        wait_until(Duration::from_secs(60), || outbox.acked_through() >= last),
+        "acked through {} of {last}",
+        outbox.acked_through()
+    );
+    let stats = outbox.stats();
+    let produced: u64 = Class::ALL.iter().map(|c| stats.class(*c).produced).sum();
+    let dropped: u64 = Class::ALL
+        .iter()
+        .map(|c| stats.class(*c).dropped_total())
+        .sum();
+    let st = fleet.state(dev);
+    assert_eq!(produced, last);
+    assert_eq!(
+        produced,
+        st.received_total() + dropped,
+        "produced = stored + counted drops"
+    );
+    assert_eq!(st.dropped_total(), dropped, "the fleet knows the drops");
+    assert_eq!(
+        st.skipped, dropped,
+        "every dropped record is a skipped seq at the fleet (the last record, an event, was kept)"
+    );
+    assert_no_unaccounted_skip(&fleet);
+    assert_eq!(
+        st.dropped[&wire::RecordClass::Telemetry].cap,
+        stats
+            .class(Class::Telemetry)
+            .dropped(edge_agent::outbox::DropReason::Cap)
+    );
+    // what was stored is in order, without duplicates, and each body matches its seq
+    let recs = FileStore::read_records(&fleet.dir, dev, usize::MAX).unwrap();
+    assert_eq!(recs.len() as u64, st.received_total());
+    assert!(recs.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(recs
+        .iter()
+        .all(|r| serde_json::from_str::<serde_json::Value>(r.body.get()).unwrap()["i"] == r.seq));
+    agent.stop(&rt);
+    fleet.stop(&rt);
+}
+
+#[test]
+fn sync_failover_to_the_second_url() {
+    if !mosquitto_or_skip("sync tests") {
+        return;
+    }
+    let rt = runtime();
+    let tmp = scratch();
+    let broker = Mosquitto::start(tmp.path());
+    let fleet = start_fleet(&rt, &broker.url(), &tmp.path().join("fleet"), "fleet-f");
+    let dead = format!("mqtt://127.0.0.1:{}", free_port());
+    let (outbox, _) = Outbox::open(&tmp.path().join("outbox"), &OutboxConfig::default()).unwrap();
+    let dev = "press-f";
+    let agent = start_agent(
+        &rt,
+        sync_cfg(vec![dead.clone(), broker.url()]),
+        dev,
+        &outbox,
+    );
+    let last = produce(&outbox, Some(&agent.wake), 300, 100);
+    wait_delivered(&fleet, &outbox, dev, last);
+    assert_exactly_once(&fleet.dir, dev, last);
+    assert_eq!(agent.counters.current_broker(), broker.url());
+    assert!(
+        agent.counters.last_error().starts_with(&dead),
+        "{}",
+        agent.counters.last_error()
+    );
+    agent.stop(&rt);
+    fleet.stop(&rt);
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, all EC P-256.
+fn make_pki(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    a.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=edge test CA",
+    ]);
+    openssl(dir, &a);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for who in ["server", "client"] {
+        let (key, csr, pem, ext) = (
+            format!("{who}.key"),
+            format!("{who}.csr"),
+            format!("{who}.pem"),
+            format!("{who}.ext"),
+        );
+        let subj = format!("/CN={who}");
+        let mut a = vec!["req"];
+        a.extend(ec);
+        a.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &a);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+    // mosquitto started as root drops to its own user: let it read the test keys
+    use std::os::unix::fs::PermissionsExt;
+    let mut d = Some(dir);
+    while let Some(p) =
+        d.filter(|p| p.starts_with(std::env::temp_dir()) && *p != std::env::temp_dir())
+    {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        d = p.parent();
+    }
+    for key in ["server.key", "client.key"] {
+        std::fs::set_permissions(dir.join(key), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+#[test]
+fn sync_over_tls_and_mutual_tls() {
+    if !mosquitto_or_skip("sync TLS tests") {
+        return;
+    }
+    if Command::new("openssl").arg("version").output().is_err() {
+        assert!(
+            std::env::var_os("E2E_REQUIRE_TOOLS").is_none(),
+            "openssl is required (E2E_REQUIRE_TOOLS is set)"
+        );
+        eprintln!("SKIPPED sync TLS tests: openssl not installed");
+        return;
+    }
+    let rt = runtime();
+    let tmp = scratch();
+    let pki = tmp.path().join("pki");
+    std::fs::create_dir(&pki).unwrap();
+    make_pki(&pki);
+    let p = |f: &str| pki.join(f).display().to_string();
+    let (plain, tls, mtls) = (free_port(), free_port(), free_port());
+    let conf = format!(
+        "per_listener_settings true\n\
+         listener {plain} 127.0.0.1\nallow_anonymous true\n\
+         listener {tls} 127.0.0.1\nallow_anonymous true\ncafile {ca}\ncertfile {sc}\nkeyfile {sk}\n\
+         listener {mtls} 127.0.0.1\nallow_anonymous true\ncafile {ca}\ncertfile {sc}\nkeyfile {sk}\nrequire_certificate true\n\
+         persistence false\n",
+        ca = p("ca.pem"),
+        sc = p("server.pem"),
+        sk = p("server.key"),
+    );
+    let _broker = Mosquitto::with_config(tmp.path(), plain, &conf);
+    for port in [tls, mtls] {
+        assert!(wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        }));
+    }
+    let fleet = start_fleet(
+        &rt,
+        &format!("mqtt://127.0.0.1:{plain}"),
+        &tmp.path().join("fleet"),
+        "fleet-e",
+    );
+
+    // server-authenticated TLS with the CA file
+    let (outbox, _) = Outbox::open(&tmp.path().join("ob-tls"), &OutboxConfig::default()).unwrap();
+    let mut cfg = sync_cfg(vec![format!("mqtts://127.0.0.1:{tls}")]);
+    cfg.ca_file = Some(pki.join("ca.pem"));
+    cfg.validate().unwrap();
+    let agent = start_agent(&rt, cfg.clone(), "tls-dev", &outbox);
+    let last = produce(&outbox, Some(&agent.wake), 300, 100);
+    wait_delivered(&fleet, &outbox, "tls-dev", last);
+    assert_exactly_once(&fleet.dir, "tls-dev", last);
+    agent.stop(&rt);
+
+    // mutual TLS without a client certificate: refused, with a clear error
+    let mtls_url = format!("mqtts://127.0.0.1:{mtls}");
+    let (outbox, _) = Outbox::open(&tmp.path().join("ob-mtls"), &OutboxConfig::default()).unwrap();
+    let mut cfg = sync_cfg(vec![mtls_url.clone()]);
+    cfg.ca_file = Some(pki.join("ca.pem"));
+    let agent = start_agent(&rt, cfg.clone(), "mtls-dev", &outbox);
+    let last = produce(&outbox, Some(&agent.wake), 100, 100);
+    assert!(wait_until(Duration::from_secs(20), || agent
+        .counters
+        .reconnects
+        .load(Ordering::Relaxed)
+        >= 2));
+    assert_eq!(agent.counters.connects.load(Ordering::Relaxed), 0);
+    let err = agent.counters.last_error();
+    assert!(err.starts_with(&mtls_url), "{err}");
+    assert!(
+        err.contains("TLS") && err.contains("sync.client_cert"),
+        "names the missing client certificate: {err}"
+    );
+    eprintln!("mTLS without a client certificate: {err}");
+    assert_eq!(fleet.last_seq("mtls-dev"), 0);
+    agent.stop(&rt);
+
+    // with the client certificate and key: connects and delivers
+    cfg.client_cert = Some(pki.join("client.pem"));
+    cfg.client_key = Some(pki.join("client.key"));
+    cfg.validate().unwrap();
+    let agent = start_agent(&rt, cfg, "mtls-dev", &outbox);
+    wait_delivered(&fleet, &outbox, "mtls-dev", last);
+    assert_exactly_once(&fleet.dir, "mtls-dev", last);
+    agent.stop(&rt);
+
+    // a CA that did not sign the server: refused
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    make_pki(&other);
+    let (outbox, _) = Outbox::open(&tmp.path().join("ob-bad"), &OutboxConfig::default()).unwrap();
+    let mut cfg = sync_cfg(vec![format!("mqtts://127.0.0.1:{tls}")]);
+    cfg.ca_file = Some(other.join("ca.pem"));
+    let agent = start_agent(&rt, cfg, "bad-ca", &outbox);
+    assert!(wait_until(Duration::from_secs(20), || agent
+        .counters
+        .reconnects
+        .load(Ordering::Relaxed)
+        >= 1));
+    assert_eq!(agent.counters.connects.load(Ordering::Relaxed), 0);
+    let err = agent.counters.last_error();
+    assert!(err.contains("TLS") && err.contains("sync.ca_file"), "{err}");
+    agent.stop(&rt);
+    fleet.stop(&rt);
+}
