@@ -99,8 +99,7 @@ pub struct Http {
     pub max_body_bytes: u64,
     /// Bearer tokens accepted by the HTTP API; empty: no authentication (loopback use).
     pub tokens: Vec<Token>,
-    /// Threads that run inference for HTTP and MQTT requests (0: one per core but one, at
-    /// least one).
+    /// Threads that run inference for HTTP and MQTT requests (0: one per core).
     pub scoring_threads: usize,
 }
 

@@ -1,4 +1,4 @@
-//! The scoring pool: a fixed set of threads (cores - 1 by default) that run inference for
+//! The scoring pool: a fixed set of threads (one per core by default) that run inference for
 //! the HTTP and MQTT APIs, fed through a bounded queue.
 //!
 //! Why not tokio's blocking pool: it grows a thread per concurrent request (up to 512), and
@@ -35,14 +35,11 @@ pub struct ScoringPool {
 }
 
 impl ScoringPool {
-    /// Starts `threads` threads (0: one per available core but one, at least one: the other
-    /// core runs the async workers that parse requests and write responses) with a queue of
-    /// `capacity` jobs.
+    /// Starts `threads` threads (0: one per available core) with a queue of `capacity`
+    /// jobs.
     pub fn new(threads: usize, capacity: usize) -> std::io::Result<ScoringPool> {
         let threads = match threads {
-            0 => {
-                std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
-            }
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
         let capacity = capacity.max(1);
