@@ -16,6 +16,7 @@ trap 'rm -rf "$work"' EXIT
 cargo build --release --quiet -p edge-agent --example outbox_bench
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 echo "file system: $(df -hT "$work" | awk 'NR==2 {print $1, $2, $3}')"
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 mkdir "$work/fio"
 fio --name=fsync --rw=write --bs=200k --size=64m --fsync=1 --directory="$work/fio" \
   --output-format=json >"$work/fio.json"
@@ -33,3 +34,4 @@ rm -rf "$work/fio"
 if [ "$backlog_mb" -gt 0 ]; then
   ./target/release/examples/outbox_bench "$work/backlog" 0 "$backlog_mb"
 fi
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
