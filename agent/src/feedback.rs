@@ -32,6 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use shared::bundle::{Manifest, Signoff};
+use shared::engine::json_kind;
 use shared::engine::Labels;
 use shared::metrics::{self, Classification};
 
@@ -1712,17 +1713,6 @@ fn place(item: Option<usize>, field: &str) -> String {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 /// Parses a feedback body (format v1, the same over HTTP and MQTT):
 /// `{"prediction_id": "...", "label": "failure"}` or `"label": 1` (classifiers),
 /// `{"prediction_id": "...", "value": 3.2}` (regressors), or `{"feedback": [ ... ]}` with
@@ -1736,7 +1726,7 @@ pub fn parse_request(body: &[u8]) -> Result<FeedbackRequest, BodyError> {
     }
     let v: Value = serde_json::from_slice(body).map_err(|e| BodyError::Json(e.to_string()))?;
     let Value::Object(mut obj) = v else {
-        return Err(BodyError::NotObject(kind(&v)));
+        return Err(BodyError::NotObject(json_kind(&v)));
     };
     if let Some(batch) = obj.remove("feedback") {
         if let Some(other) = obj.keys().next() {
@@ -1750,7 +1740,7 @@ pub fn parse_request(body: &[u8]) -> Result<FeedbackRequest, BodyError> {
             return Err(BodyError::Field {
                 item: None,
                 field: "feedback".to_string(),
-                problem: format!("is {}, not an array", kind(&batch)),
+                problem: format!("is {}, not an array", json_kind(&batch)),
             });
         };
         if items.is_empty() {
@@ -1770,7 +1760,7 @@ pub fn parse_request(body: &[u8]) -> Result<FeedbackRequest, BodyError> {
                 other => Err(BodyError::Field {
                     item: Some(i),
                     field: "prediction_id".to_string(),
-                    problem: format!("the item is {}, not an object", kind(&other)),
+                    problem: format!("the item is {}, not an object", json_kind(&other)),
                 }),
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -1799,7 +1789,7 @@ fn parse_item(item: Option<usize>, mut obj: Map<String, Value>) -> Result<Feedba
         Some(other) => {
             return Err(bad(
                 "prediction_id",
-                format!("is {}, not a string", kind(&other)),
+                format!("is {}, not a string", json_kind(&other)),
             ))
         }
         None => return Err(bad("prediction_id", "missing".into())),
@@ -1841,7 +1831,10 @@ fn parse_item(item: Option<usize>, mut obj: Map<String, Value>) -> Result<Feedba
         (Some(other), None) => {
             return Err(bad(
                 "label",
-                format!("is {}; a label is a string or an integer", kind(&other)),
+                format!(
+                    "is {}; a label is a string or an integer",
+                    json_kind(&other)
+                ),
             ))
         }
         (None, Some(Value::Number(n))) => match n.as_f64() {
@@ -1849,7 +1842,10 @@ fn parse_item(item: Option<usize>, mut obj: Map<String, Value>) -> Result<Feedba
             _ => return Err(bad("value", format!("{n} is not a finite number"))),
         },
         (None, Some(other)) => {
-            return Err(bad("value", format!("is {}, not a number", kind(&other))))
+            return Err(bad(
+                "value",
+                format!("is {}, not a number", json_kind(&other)),
+            ))
         }
     };
     Ok(FeedbackItem {

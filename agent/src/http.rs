@@ -22,6 +22,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
+use shared::engine::json_kind;
 use shared::engine::{ElemType, Model};
 
 use crate::config::Token;
@@ -1241,17 +1242,6 @@ struct V1Response<'a> {
     version: &'a str,
     release: u64,
     prediction_ids: Vec<String>,
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// Logs predictions so that feedback can find them by id.

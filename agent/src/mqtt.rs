@@ -37,14 +37,7 @@ pub struct MqttCounters {
 
 /// Parses `mqtt://host:port` (or `tcp://`).
 pub fn parse_url(url: &str) -> Option<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))?;
-    let (host, port) = rest.rsplit_once(':')?;
-    if host.is_empty() {
-        return None;
-    }
-    Some((host.to_string(), port.parse().ok()?))
+    shared::wire::parse_mqtt_url(url)
 }
 
 /// The reply to one input message: predictions, or an error naming the row and field.

@@ -268,6 +268,9 @@ pub struct Loaded {
     pub range_margin: Option<f64>,
     /// The current drift window against the bundle's reference profile (none without one).
     pub drift: Option<Mutex<DriftState>>,
+    /// Per reference feature: its name and position in the schema (for rows that send the
+    /// whole feature vector as one input), computed once at load.
+    drift_features: Vec<(String, usize)>,
     /// This version's key and task for the feedback loop.
     pub feedback_key: ModelKey,
     pub feedback_spec: Arc<ModelSpec>,
@@ -281,10 +284,30 @@ impl Loaded {
             .as_ref()
             .filter(|r| !r.features.is_empty() || r.predictions.is_some())
             .map(|r| Mutex::new(DriftState::new(r)));
+        let drift_features = manifest
+            .reference
+            .as_ref()
+            .map(|r| {
+                r.features
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| {
+                        let pos = manifest
+                            .schema
+                            .features
+                            .iter()
+                            .position(|s| s.name == f.name)
+                            .unwrap_or(i);
+                        (f.name.clone(), pos)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let feedback_key = ModelKey::new(&manifest.name, &manifest.version, manifest.release);
         let feedback_spec = Arc::new(ModelSpec::from_manifest(&manifest, model.class_labels()));
         Loaded {
             drift,
+            drift_features,
             feedback_key,
             feedback_spec,
             distributions,
@@ -505,13 +528,11 @@ fn observe_drift(l: &Loaded, rows: &[Map<String, Value>], outputs: &[Map<String,
     let Some(reference) = l.manifest.reference.as_ref() else {
         return;
     };
-    let n = reference.features.len();
-    let schema = &l.manifest.schema.features;
+    let n = l.drift_features.len();
     let mut values = Vec::with_capacity(n * rows.len());
     for row in rows {
-        for (i, f) in reference.features.iter().enumerate() {
-            let pos = schema.iter().position(|s| s.name == f.name).unwrap_or(i);
-            values.push(feature_value(row, &f.name, pos));
+        for (name, pos) in &l.drift_features {
+            values.push(feature_value(row, name, *pos));
         }
     }
     let scores: Vec<Option<f64>> = match &reference.predictions {

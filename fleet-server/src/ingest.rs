@@ -599,17 +599,6 @@ impl IngestConfig {
     }
 }
 
-fn parse_url(url: &str) -> Option<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))?;
-    let (host, port) = rest.rsplit_once(':')?;
-    if host.is_empty() {
-        return None;
-    }
-    Some((host.to_string(), port.parse().ok()?))
-}
-
 /// `<prefix>/<device>/<leaf>` -> device, when valid.
 fn topic_device<'t>(prefix: &str, topic: &'t str, leaf: &str) -> Option<&'t str> {
     let rest = topic.strip_prefix(prefix)?.strip_prefix('/')?;
@@ -633,7 +622,8 @@ pub async fn run<S: IngestStore + 'static>(
     counters: Arc<IngestCounters>,
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
-    let (host, port) = parse_url(&cfg.url).ok_or_else(|| IngestError::Url(cfg.url.clone()))?;
+    let (host, port) =
+        wire::parse_mqtt_url(&cfg.url).ok_or_else(|| IngestError::Url(cfg.url.clone()))?;
     let mut opts = MqttOptions::new(cfg.client_id.clone(), host, port);
     opts.set_keep_alive(cfg.keep_alive);
     let max_packet = cfg.max_batch_bytes + 64 * 1024;
@@ -999,9 +989,9 @@ mod tests {
             None
         );
         assert_eq!(
-            parse_url("mqtt://127.0.0.1:1883"),
+            wire::parse_mqtt_url("mqtt://127.0.0.1:1883"),
             Some(("127.0.0.1".into(), 1883))
         );
-        assert_eq!(parse_url("mqtts://h:1"), None);
+        assert_eq!(wire::parse_mqtt_url("mqtts://h:1"), None);
     }
 }

@@ -547,6 +547,18 @@ pub fn validate_batch(b: &Batch) -> Result<(), WireError> {
     Ok(())
 }
 
+/// Parses `mqtt://host:port` (or `tcp://host:port`) into host and port.
+pub fn parse_mqtt_url(url: &str) -> Option<(String, u16)> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))?;
+    let (host, port) = rest.rsplit_once(':')?;
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_string(), port.parse().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -198,7 +198,8 @@ fn parse_bool(t: &str) -> Result<bool, String> {
     }
 }
 
-fn json_kind(v: &serde_json::Value) -> &'static str {
+/// How a JSON value is named in error messages ("a string", "an array", ...).
+pub fn json_kind(v: &serde_json::Value) -> &'static str {
     use serde_json::Value;
     match v {
         Value::Null => "null",

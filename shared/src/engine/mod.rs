@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::{DimLike, SimplePlan};
 
-pub use batch::{Batch, BatchBuilder, Column, InputError};
+pub use batch::{json_kind, Batch, BatchBuilder, Column, InputError};
 pub use ml::OPERATORS as ML_OPERATORS;
 pub use schema::{ElemType, Labels};
 
