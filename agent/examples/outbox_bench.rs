@@ -1,6 +1,8 @@
 //! Outbox benchmark (run by `agent/benches/outbox.sh`): append, ack and replay throughput of
-//! 200-byte records, and memory while holding a large backlog. The outbox stores one sled
-//! value (segment) per append and class, so an append of 1000 records is two sled inserts.
+//! 200-byte records, and memory while holding a large backlog. The outbox writes the records
+//! of an append to segment files (the newest segment of each class grows up to 1 MiB / 4096
+//! records) and indexes them in sled, so an append of 1000 records of two classes is two file
+//! writes + fsyncs and one sled batch + flush.
 //!
 //! Usage: `outbox_bench DIR [RECORDS] [BACKLOG_MB]` (defaults 200000 and 0; 0 skips a part).
 //! DIR must not exist; it is created and left for the caller to remove.
@@ -152,7 +154,7 @@ fn backlog(dir: &Path, cfg: &OutboxConfig, mb: u64) -> Result<(), Box<dyn std::e
     let s = o.stats();
     println!(
         "backlog: appended {} records ({} MiB of payload) in {append_secs:.1} s ({:.0} records/s); \
-         stored_bytes {} MiB, size_on_disk {} MiB, {} segments (sled values); {}",
+         stored_bytes {} MiB, size_on_disk {} MiB, {} segments (files); {}",
         s.last_seq,
         s.last_seq * RECORD as u64 / (1024 * 1024),
         s.last_seq as f64 / append_secs,

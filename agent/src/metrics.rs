@@ -591,6 +591,7 @@ pub fn telemetry_json(state: &AppState) -> serde_json::Value {
             .collect();
         serde_json::json!({
             "classes": classes,
+            "epoch": st.epoch,
             "last_seq": st.last_seq,
             "acked_through": st.acked_through,
             "stored_bytes": st.stored_bytes,

@@ -4,8 +4,8 @@
 //! This is the only module that touches sled.
 //!
 //! Guarantees:
-//! - when [`Outbox::append`] returns `Ok`, its records are in one atomic sled batch and
-//!   `flush()` has returned: they survive kill -9 and power loss (as far as the file system's
+//! - when [`Outbox::append`] returns `Ok`, its records are in fsynced segment files indexed
+//!   by one atomic sled batch, and `flush()` has returned: they survive kill -9 and power loss (as far as the file system's
 //!   fsync does). sled's own background flusher is off: nothing is written "about every
 //!   500 ms"; every operation that changes the outbox ends with an explicit flush;
 //! - sequence numbers are per outbox (per device), start at 1, are strictly increasing and are
@@ -29,32 +29,46 @@
 //!   order; the TTL likewise waits for the ack or a rewind;
 //! - [`Outbox::read_after`] never returns an acknowledged or dropped record, and returns the
 //!   others in strictly increasing seq order;
-//! - memory is bounded: reads, acks, evictions and expiries hold at most a few segments
-//!   (each at most [`SEG_MAX_BYTES`], or one larger record) plus their result, and apply
-//!   their deletions in batches of at most 4096 segments;
+//! - memory is bounded and does not grow with the backlog: sled holds only a small index
+//!   entry per segment and the counters, while the records themselves live in segment files;
+//!   reads, acks, evictions and expiries hold at most a few segments (each at most
+//!   [`SEG_MAX_BYTES`], or one larger record) plus their result, and apply their deletions in
+//!   batches of at most 4096 segments;
+//! - a segment file is written (new file, or new records appended past the indexed length of
+//!   the class's newest segment) and fsynced, and a new file's directory entry fsynced, before
+//!   the sled batch that indexes it is applied, so an index entry never points at bytes that
+//!   are not on disk. A file is deleted only after the flush of the batch that unindexed it.
+//!   Files no index entry points at (a crash between those steps) are deleted on open; bytes
+//!   past a file's indexed length are ignored and overwritten by the next append. Every read
+//!   checks the file's length and CRC-32 against the index entry;
 //! - a record that cannot be stored (I/O error, full disk) is counted as produced and dropped
 //!   `io`, and the call returns an error instead of blocking or panicking. After the first
 //!   write failure the outbox refuses further writes (sled poisons itself on I/O errors) until
 //!   it is reopened; those `io` counts live in memory only until then;
 //! - a database sled cannot open (corrupt files, a panic inside sled, a missing or
-//!   inconsistent counter record, the per-record layout of format 1) is renamed aside to
-//!   `<dir>.corrupt-<unix seconds>` and a fresh one is created; [`Outbox::open`] reports it
-//!   ([`Quarantined`]). A database held by another process is never quarantined
+//!   inconsistent counter record, an index entry whose segment file is missing or shorter
+//!   than indexed, segment files without a database, the layouts of older agents) is renamed
+//!   aside to `<dir>.corrupt-<unix seconds>` and a fresh one is created; [`Outbox::open`]
+//!   reports it ([`Quarantined`]). A database held by another process is never quarantined
 //!   ([`OutboxError::Locked`]).
 //!
-//! Layout (one sled tree, so that one batch is atomic): records are stored in SEGMENTS, one
-//! sled value per (append call, class), split at [`SEG_MAX_RECORDS`] records or
-//! [`SEG_MAX_BYTES`] bytes: key `s` + class code + big-endian seq of the segment's first
-//! record (one key range per class: the oldest segment of a class is the first key of its
-//! range, and a seq-ordered read merges four ranges); value: a header (format, class, record
-//! count, first and last seq, oldest and newest `produced_at_ms`, counted bytes) then per
-//! record its seq, `produced_at_ms`, payload length (u32) and payload. `meta` → the counters
-//! (format 2, fixed size). sled's memory grows with the number of keys, so a 1 GB backlog of
-//! 200-byte records is a few thousand keys instead of five million.
+//! Layout: records are stored in SEGMENTS of one class each, at most [`SEG_MAX_RECORDS`]
+//! records or [`SEG_MAX_BYTES`] bytes: an append fills the class's newest segment first, then
+//! starts new ones. A segment's records are one file, `<dir>/segments/<file id, 16 hex>.seg`:
+//! per record its seq, `produced_at_ms`, payload length (u32) and payload. Its index entry is
+//! the sled key `s` + class code + big-endian seq of its first record (one key range per
+//! class: the oldest segment of a class is the first key of its range, and a seq-ordered read
+//! merges four ranges), whose value is the segment header: format, class, record count, first
+//! and last seq, oldest and newest `produced_at_ms`, counted bytes, file id, file length and
+//! CRC-32. `meta` → the counters (format 3, fixed size). One sled tree, so that the index
+//! entries and counters of one operation change in one atomic batch. sled's memory grows with
+//! what it stores (BENCHMARKS.md, "Outbox"): keeping the payloads out of it is what holds the
+//! agent's memory flat under a 1 GB backlog.
 //!
 //! Stored bytes, which the cap limits, are counted by the outbox itself per record (its
-//! encoding in the segment + a fixed overhead, [`stored_size`]). sled's file size is larger
-//! (see `size_on_disk` and BENCHMARKS.md).
+//! encoding in the segment + a fixed overhead, [`stored_size`]). The files on disk are about
+//! that size (plus file system blocks); sled's files hold only the index (see `size_on_disk`
+//! and BENCHMARKS.md).
 
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -82,16 +96,21 @@ pub const SEG_MAX_BYTES: usize = 1024 * 1024;
 /// The largest payload of one record (its length is stored in 32 bits).
 pub const MAX_RECORD_BYTES: usize = u32::MAX as usize;
 const META_KEY: &[u8] = b"meta";
-/// 2: segments; 1 was one sled key per record.
-const META_FORMAT: u8 = 2;
+/// 3: segment files indexed in sled; 2 kept the segments inside sled; 1 was one sled key per
+/// record.
+const META_FORMAT: u8 = 3;
 const SEG_TAG: u8 = b's';
-const SEG_FORMAT: u8 = 1;
+/// 2: the index entry of a segment file (1 was the segment itself).
+const SEG_FORMAT: u8 = 2;
 const KEY_LEN: usize = 10;
-/// format, class, count (u32), first seq, last seq, min and max produced_at, counted bytes.
-const SEG_HEADER: usize = 1 + 1 + 4 + 5 * 8;
+/// The directory of the segment files, inside the database directory.
+const SEGMENTS_DIR: &str = "segments";
+/// format, class, count (u32), first seq, last seq, min and max produced_at, counted bytes,
+/// file id, file length, CRC-32 (u32).
+const SEG_HEADER: usize = 1 + 1 + 4 + 7 * 8 + 4;
 /// seq, produced_at_ms, payload length (u32).
 const REC_HEADER: usize = 8 + 8 + 4;
-const META_LEN: usize = 1 + 8 + 8 + 4 * 7 * 8;
+const META_LEN: usize = 1 + 8 + 8 + 8 + 4 * 7 * 8;
 
 /// Priority classes of outbox records, highest first: Event and Health (status) > Drift >
 /// Telemetry.
@@ -289,6 +308,8 @@ impl ClassStats {
 pub struct OutboxStats {
     /// Indexed like [`Class::ALL`]; see [`OutboxStats::class`].
     pub classes: [ClassStats; 4],
+    /// The database's epoch (see [`Outbox::epoch`]).
+    pub epoch: u64,
     /// The last seq assigned (0: none yet).
     pub last_seq: u64,
     /// Everything up to and including this seq was acknowledged or dropped.
@@ -355,6 +376,9 @@ pub enum OutboxError {
 /// The persisted counters (value of `meta`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct State {
+    /// Random, chosen when the database is created: names its seq space (a quarantine
+    /// starts a new one, and the fleet learns from the batches' `epoch` that seqs restart).
+    epoch: u64,
     next_seq: u64,
     acked_through: u64,
     classes: [ClassStats; 4],
@@ -363,6 +387,7 @@ struct State {
 impl State {
     fn fresh() -> State {
         State {
+            epoch: new_epoch(),
             next_seq: 1,
             ..State::default()
         }
@@ -375,6 +400,7 @@ impl State {
     fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(META_LEN);
         v.push(META_FORMAT);
+        v.extend_from_slice(&self.epoch.to_be_bytes());
         v.extend_from_slice(&self.next_seq.to_be_bytes());
         v.extend_from_slice(&self.acked_through.to_be_bytes());
         for c in &self.classes {
@@ -399,8 +425,8 @@ impl State {
         }
         if v[0] != META_FORMAT {
             return Err(format!(
-                "format {}, expected {META_FORMAT} (format 1 is the per-record layout of \
-                 older agents)",
+                "format {}, expected {META_FORMAT} (formats 1 and 2 are the layouts of older \
+                 agents)",
                 v[0]
             ));
         }
@@ -409,6 +435,7 @@ impl State {
             .map(|c| c.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)));
         let mut next = || words.next().unwrap_or(0);
         let mut s = State {
+            epoch: next(),
             next_seq: next(),
             acked_through: next(),
             classes: [ClassStats::default(); 4],
@@ -420,10 +447,10 @@ impl State {
             c.pending_bytes = next();
             c.dropped = [next(), next(), next()];
         }
-        if s.next_seq == 0 || s.acked_through >= s.next_seq {
+        if s.epoch == 0 || s.next_seq == 0 || s.acked_through >= s.next_seq {
             return Err(format!(
-                "next seq {} and acked-through {} are inconsistent",
-                s.next_seq, s.acked_through
+                "epoch {}, next seq {} and acked-through {} are inconsistent",
+                s.epoch, s.next_seq, s.acked_through
             ));
         }
         for (class, c) in Class::ALL.iter().zip(&s.classes) {
@@ -462,8 +489,8 @@ fn seg_key(class: Class, first_seq: u64) -> [u8; KEY_LEN] {
 }
 
 /// Bytes counted for the cap per record with a payload of `payload_len` bytes: its encoding
-/// inside a segment plus [`RECORD_OVERHEAD`] (which covers its share of the segment's key and
-/// header and of sled's own overhead).
+/// inside a segment file plus [`RECORD_OVERHEAD`] (which covers its share of the segment's
+/// index entry and of the file system's overhead).
 pub fn stored_size(payload_len: usize) -> u64 {
     (REC_HEADER + payload_len) as u64 + RECORD_OVERHEAD
 }
@@ -476,7 +503,7 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// The header of a segment value.
+/// The index entry of a segment (the sled value of its key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SegHeader {
     class: Class,
@@ -487,29 +514,48 @@ struct SegHeader {
     max_at: u64,
     /// Sum of [`stored_size`] of its records.
     bytes: u64,
+    /// The segment file's id (its name) and how many of its bytes hold the records.
+    file: u64,
+    len: u64,
+    /// CRC-32 of those `len` bytes.
+    crc: u32,
 }
 
 impl SegHeader {
-    fn write_to(&self, out: &mut [u8]) {
+    fn encode(&self) -> [u8; SEG_HEADER] {
+        let mut out = [0u8; SEG_HEADER];
         out[0] = SEG_FORMAT;
         out[1] = self.class.code();
         out[2..6].copy_from_slice(&self.count.to_be_bytes());
         let mut at = 6;
-        for n in [self.first, self.last, self.min_at, self.max_at, self.bytes] {
+        for n in [
+            self.first,
+            self.last,
+            self.min_at,
+            self.max_at,
+            self.bytes,
+            self.file,
+            self.len,
+        ] {
             out[at..at + 8].copy_from_slice(&n.to_be_bytes());
             at += 8;
         }
+        out[at..at + 4].copy_from_slice(&self.crc.to_be_bytes());
+        out
     }
 
     fn read(v: &[u8]) -> Result<SegHeader, String> {
-        if v.len() < SEG_HEADER {
+        if v.len() != SEG_HEADER {
             return Err(format!(
-                "segment of {} bytes, shorter than its header",
+                "index entry of {} bytes, expected {SEG_HEADER}",
                 v.len()
             ));
         }
         if v[0] != SEG_FORMAT {
-            return Err(format!("segment format {}, expected {SEG_FORMAT}", v[0]));
+            return Err(format!(
+                "index entry format {}, expected {SEG_FORMAT}",
+                v[0]
+            ));
         }
         let class = Class::from_code(v[1]).ok_or_else(|| format!("class code {}", v[1]))?;
         let count = u32::try_from(be_u64(&v[2..6])).unwrap_or(0);
@@ -522,17 +568,23 @@ impl SegHeader {
             min_at: word(2),
             max_at: word(3),
             bytes: word(4),
+            file: word(5),
+            len: word(6),
+            crc: u32::try_from(be_u64(&v[62..66])).unwrap_or(0),
         };
-        if h.count == 0 || h.first > h.last || h.min_at > h.max_at {
-            return Err(format!("inconsistent segment header {h:?}"));
+        if h.count == 0 || h.first > h.last || h.min_at > h.max_at || h.len == 0 {
+            return Err(format!("inconsistent index entry {h:?}"));
         }
         Ok(h)
     }
 }
 
-/// Builds one segment value: records of one class in increasing seq order.
+/// Builds the records of one segment of one class, in increasing seq order: a new segment,
+/// or more records for a stored one (`base`).
 struct SegBuilder {
     class: Class,
+    base: Option<SegHeader>,
+    /// The new records' bytes (after `base.len` when extending).
     buf: Vec<u8>,
     count: u32,
     first: u64,
@@ -544,11 +596,10 @@ struct SegBuilder {
 
 impl SegBuilder {
     fn new(class: Class, capacity: usize) -> SegBuilder {
-        let mut buf = Vec::with_capacity(SEG_HEADER + capacity);
-        buf.resize(SEG_HEADER, 0);
         SegBuilder {
             class,
-            buf,
+            base: None,
+            buf: Vec::with_capacity(capacity),
             count: 0,
             first: 0,
             last: 0,
@@ -558,11 +609,34 @@ impl SegBuilder {
         }
     }
 
+    /// More records for the stored segment `h`.
+    fn extend(h: SegHeader, capacity: usize) -> SegBuilder {
+        SegBuilder {
+            class: h.class,
+            base: Some(h),
+            buf: Vec::with_capacity(capacity),
+            count: h.count,
+            first: h.first,
+            last: h.last,
+            min_at: h.min_at,
+            max_at: h.max_at,
+            bytes: h.bytes,
+        }
+    }
+
+    /// The segment's length in bytes with the records pushed so far.
+    fn len(&self) -> usize {
+        let base = self.base.map_or(0, |h| h.len);
+        usize::try_from(base)
+            .unwrap_or(usize::MAX)
+            .saturating_add(self.buf.len())
+    }
+
     /// Whether one more record of `payload_len` bytes would exceed the segment limits.
     fn full_for(&self, payload_len: usize, limits: (usize, usize)) -> bool {
         self.count > 0
             && (self.count as usize >= limits.0
-                || self.buf.len() + REC_HEADER + payload_len > limits.1)
+                || self.len().saturating_add(REC_HEADER + payload_len) > limits.1)
     }
 
     fn push(&mut self, seq: u64, at: u64, payload: &[u8]) {
@@ -581,27 +655,102 @@ impl SegBuilder {
             .extend_from_slice(&(payload.len() as u32).to_be_bytes());
         self.buf.extend_from_slice(payload);
     }
+}
 
-    /// The key, value and header; `None` if no record was pushed.
-    fn finish(mut self) -> Option<([u8; KEY_LEN], Vec<u8>, SegHeader)> {
-        if self.count == 0 {
-            return None;
+/// The segment files of one outbox (`<dir>/segments/`).
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id:016x}.seg"))
+    }
+
+    /// Writes a new file and fsyncs it (the directory entry is synced by [`Files::sync_dir`]).
+    fn create(&self, id: u64, data: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.path(id))?;
+        f.write_all(data)?;
+        f.sync_data()
+    }
+
+    /// Writes `data` at byte `at` of an existing file and fsyncs it.
+    fn extend(&self, id: u64, at: u64, data: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.path(id))?;
+        f.write_all_at(data, at)?;
+        f.sync_data()
+    }
+
+    /// The first `len` bytes of a file (an error if it is shorter).
+    fn read(&self, id: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        let f = std::fs::File::open(self.path(id))?;
+        let on_disk = f.metadata()?.len();
+        if on_disk < len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("{on_disk} bytes, the index says {len}"),
+            ));
         }
-        let h = SegHeader {
-            class: self.class,
-            count: self.count,
-            first: self.first,
-            last: self.last,
-            min_at: self.min_at,
-            max_at: self.max_at,
-            bytes: self.bytes,
-        };
-        h.write_to(&mut self.buf[..SEG_HEADER]);
-        Some((seg_key(self.class, self.first), self.buf, h))
+        let cap = usize::try_from(len).map_err(|_| std::io::ErrorKind::InvalidData)?;
+        let mut buf = Vec::with_capacity(cap);
+        f.take(len).read_to_end(&mut buf)?;
+        if buf.len() != cap {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(buf)
+    }
+
+    fn sync_dir(&self) -> std::io::Result<()> {
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Deletes a file; one already gone is fine.
+    fn remove(&self, id: u64) -> std::io::Result<()> {
+        match std::fs::remove_file(self.path(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every segment file: id and length (other names are left alone).
+    fn list(&self) -> std::io::Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".seg"))
+                .filter(|n| n.len() == 16)
+                .and_then(|n| u64::from_str_radix(n, 16).ok())
+            else {
+                continue;
+            };
+            out.push((id, entry.metadata()?.len()));
+        }
+        Ok(out)
     }
 }
 
-/// One record inside a segment value.
+/// One atomic change of the index: the sled batch, and the files it makes obsolete (deleted
+/// after the flush that follows its application). New files are written while it is built.
+#[derive(Default)]
+struct Tx {
+    batch: sled::Batch,
+    /// A new file was created: its directory entry must be synced before the batch applies.
+    created: bool,
+    obsolete: Vec<u64>,
+}
+
+/// One record inside a segment's data.
 #[derive(Debug, Clone)]
 struct RecView {
     seq: u64,
@@ -609,11 +758,11 @@ struct RecView {
     payload: Range<usize>,
 }
 
-/// A stored segment (key and value kept as sled's buffers).
+/// A stored segment: its key and index entry, and its records once loaded.
 struct Segment {
     key: sled::IVec,
-    value: sled::IVec,
     h: SegHeader,
+    data: Option<Arc<[u8]>>,
 }
 
 impl Segment {
@@ -634,23 +783,59 @@ impl Segment {
         let h = SegHeader::read(&value).map_err(&corrupt)?;
         if h.class != class || h.first != be_u64(&key[2..]) {
             return Err(corrupt(format!(
-                "header {h:?} does not match its key (class {})",
+                "index entry {h:?} does not match its key (class {})",
                 class.as_str()
             )));
         }
-        Ok(Segment { key, value, h })
+        Ok(Segment { key, h, data: None })
     }
 
-    /// The record at byte offset `pos` and the offset after it; `None` at the end.
+    fn corrupt(&self, path: &str, message: String) -> OutboxError {
+        OutboxError::Corrupt {
+            path: path.to_string(),
+            key: hex(&self.key),
+            message,
+        }
+    }
+
+    /// Reads the segment file (once), checking its length and CRC against the index entry.
+    fn load(&mut self, path: &str, files: &Files) -> Result<(), OutboxError> {
+        if self.data.is_some() {
+            return Ok(());
+        }
+        let name = files.path(self.h.file);
+        let data = files
+            .read(self.h.file, self.h.len)
+            .map_err(|e| self.corrupt(path, format!("segment file {}: {e}", name.display())))?;
+        let crc = crc32fast::hash(&data);
+        if crc != self.h.crc {
+            return Err(self.corrupt(
+                path,
+                format!(
+                    "segment file {}: CRC-32 {crc:08x}, the index says {:08x}",
+                    name.display(),
+                    self.h.crc
+                ),
+            ));
+        }
+        self.data = Some(Arc::from(data));
+        Ok(())
+    }
+
+    /// The record at byte offset `pos` and the offset after it; `None` at the end. The
+    /// segment must be loaded.
     fn record_at(&self, path: &str, pos: usize) -> Result<Option<(RecView, usize)>, OutboxError> {
-        let v = &self.value;
+        let Some(v) = self.data.as_deref() else {
+            return Err(self.corrupt(path, "segment read before it was loaded".into()));
+        };
         if pos >= v.len() {
             return Ok(None);
         }
-        let bad = || OutboxError::Corrupt {
-            path: path.to_string(),
-            key: hex(&self.key),
-            message: format!("record at byte {pos} runs past the end ({} bytes)", v.len()),
+        let bad = || {
+            self.corrupt(
+                path,
+                format!("record at byte {pos} runs past the end ({} bytes)", v.len()),
+            )
         };
         if v.len() - pos < REC_HEADER {
             return Err(bad());
@@ -671,10 +856,11 @@ impl Segment {
         )))
     }
 
-    /// Every record, in order (for rewrites and verification; bounded by the segment).
+    /// Every record, in order (for rewrites and verification; bounded by the segment). The
+    /// segment must be loaded.
     fn records(&self, path: &str) -> Result<Vec<RecView>, OutboxError> {
         let mut out = Vec::with_capacity(self.h.count as usize);
-        let mut pos = SEG_HEADER;
+        let mut pos = 0;
         while let Some((r, next)) = self.record_at(path, pos)? {
             out.push(r);
             pos = next;
@@ -682,42 +868,11 @@ impl Segment {
         Ok(out)
     }
 
-    /// This segment without the records whose seq is in `lo+1..=hi`: the batch operations
-    /// that replace it, and how many records and counted bytes were removed.
-    fn remove_range(
-        &self,
-        path: &str,
-        lo: u64,
-        hi: u64,
-        batch: &mut sled::Batch,
-    ) -> Result<(u64, u64), OutboxError> {
-        if self.h.first > lo && self.h.last <= hi {
-            batch.remove(self.key.clone());
-            return Ok((u64::from(self.h.count), self.h.bytes));
-        }
-        let (mut n, mut bytes) = (0u64, 0u64);
-        let mut kept = SegBuilder::new(self.h.class, self.value.len());
-        for r in self.records(path)? {
-            if r.seq > lo && r.seq <= hi {
-                n += 1;
-                bytes += stored_size(r.payload.len());
-            } else {
-                kept.push(r.seq, r.at, &self.value[r.payload]);
-            }
-        }
-        if n == 0 {
-            return Ok((0, 0));
-        }
-        match kept.finish() {
-            Some((key, value, _)) => {
-                if key[..] != self.key[..] {
-                    batch.remove(self.key.clone());
-                }
-                batch.insert(&key[..], value);
-            }
-            None => batch.remove(self.key.clone()),
-        }
-        Ok((n, bytes))
+    fn payload(&self, r: &RecView) -> &[u8] {
+        self.data
+            .as_deref()
+            .and_then(|d| d.get(r.payload.clone()))
+            .unwrap_or(&[])
     }
 }
 
@@ -751,14 +906,13 @@ fn scan_start(
 /// The records of one class with seq > `after`, in seq order, one segment in memory at a
 /// time.
 struct Cursor<'a> {
-    path: &'a str,
+    inner: &'a Inner,
     class: Class,
     iter: sled::Iter,
     seg: Option<Segment>,
     pos: usize,
     head: Option<RecView>,
-    /// Records up to this seq are skipped (also guards against seeing a record twice when a
-    /// concurrent rewrite moves it to a new key).
+    /// Records up to this seq are skipped.
     after: u64,
     /// Segments loaded so far.
     loaded: usize,
@@ -769,7 +923,7 @@ struct Hit {
     class: Class,
     seq: u64,
     at: u64,
-    value: sled::IVec,
+    value: Arc<[u8]>,
     payload: Range<usize>,
 }
 
@@ -789,16 +943,11 @@ impl Hit {
 }
 
 impl<'a> Cursor<'a> {
-    fn new(
-        path: &'a str,
-        tree: &sled::Tree,
-        class: Class,
-        after: u64,
-    ) -> Result<Cursor<'a>, OutboxError> {
-        let start = scan_start(path, tree, class, after)?;
-        let iter = tree.range(start..=seg_key(class, u64::MAX));
+    fn new(inner: &'a Inner, class: Class, after: u64) -> Result<Cursor<'a>, OutboxError> {
+        let start = scan_start(&inner.path, &inner.db, class, after)?;
+        let iter = inner.db.range(start..=seg_key(class, u64::MAX));
         let mut c = Cursor {
-            path,
+            inner,
             class,
             iter,
             seg: None,
@@ -814,9 +963,10 @@ impl<'a> Cursor<'a> {
     }
 
     fn advance(&mut self) -> Result<(), OutboxError> {
+        let path = &self.inner.path;
         loop {
             if let Some(seg) = &self.seg {
-                match seg.record_at(self.path, self.pos)? {
+                match seg.record_at(path, self.pos)? {
                     Some((r, next)) => {
                         self.pos = next;
                         if r.seq > self.after {
@@ -832,13 +982,14 @@ impl<'a> Cursor<'a> {
                 self.head = None;
                 return Ok(());
             };
-            let (key, value) = item.map_err(|e| sled_err(self.path, "read", e))?;
-            let seg = Segment::parse(self.path, self.class, key, value)?;
-            self.loaded += 1;
+            let (key, value) = item.map_err(|e| sled_err(path, "read", e))?;
+            let mut seg = Segment::parse(path, self.class, key, value)?;
             if seg.h.last <= self.after {
                 continue;
             }
-            self.pos = SEG_HEADER;
+            seg.load(path, &self.inner.files)?;
+            self.loaded += 1;
+            self.pos = 0;
             self.seg = Some(seg);
         }
     }
@@ -848,14 +999,17 @@ impl<'a> Cursor<'a> {
     }
 
     fn take(&mut self) -> Result<Option<Hit>, OutboxError> {
-        let (Some(r), Some(seg)) = (self.head.take(), self.seg.as_ref()) else {
+        let (Some(r), Some(value)) = (
+            self.head.take(),
+            self.seg.as_ref().and_then(|s| s.data.clone()),
+        ) else {
             return Ok(None);
         };
         let hit = Hit {
             class: self.class,
             seq: r.seq,
             at: r.at,
-            value: seg.value.clone(),
+            value,
             payload: r.payload,
         };
         self.after = r.seq;
@@ -870,15 +1024,10 @@ struct Merged<'a> {
 }
 
 impl<'a> Merged<'a> {
-    fn new(
-        path: &'a str,
-        tree: &sled::Tree,
-        classes: &[Class],
-        after: u64,
-    ) -> Result<Merged<'a>, OutboxError> {
+    fn new(inner: &'a Inner, classes: &[Class], after: u64) -> Result<Merged<'a>, OutboxError> {
         let cursors = classes
             .iter()
-            .map(|&c| Cursor::new(path, tree, c, after))
+            .map(|&c| Cursor::new(inner, c, after))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Merged { cursors })
     }
@@ -927,6 +1076,16 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// A random non-zero epoch (from the OS's randomness that seeds std's hash maps, mixed with
+/// the clock: no extra dependency).
+fn new_epoch() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    h.write_u32(std::process::id());
+    h.finish().max(1)
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -951,6 +1110,7 @@ struct Inner {
     path: String,
     cfg: OutboxConfig,
     db: sled::Db,
+    files: Files,
     core: Mutex<Core>,
 }
 
@@ -965,6 +1125,10 @@ struct Core {
     walk: usize,
     /// Most records and bytes per segment.
     seg_limits: (usize, usize),
+    /// The id of the next segment file.
+    next_file: u64,
+    /// Files unindexed by applied batches, deleted after the next flush.
+    obsolete: Vec<u64>,
 }
 
 impl Core {
@@ -995,14 +1159,14 @@ impl Outbox {
         cfg: &OutboxConfig,
     ) -> Result<(Outbox, Option<Quarantined>), OutboxError> {
         let path = dir.display().to_string();
-        let (db, state, quarantined) = match open_db_waiting(dir, cfg) {
-            Ok((db, state)) => (db, state, None),
+        let (opened, quarantined) = match open_db_waiting(dir, cfg) {
+            Ok(opened) => (opened, None),
             Err(Opening::Failed(e)) => return Err(e),
             Err(Opening::Corrupt(error)) => {
                 check_not_locked(dir)?;
                 let moved_to = quarantine(dir)?;
                 match open_db(dir, cfg) {
-                    Ok((db, state)) => (db, state, Some(Quarantined { moved_to, error })),
+                    Ok(opened) => (opened, Some(Quarantined { moved_to, error })),
                     Err(Opening::Failed(e)) => return Err(e),
                     Err(Opening::Corrupt(message)) => {
                         return Err(OutboxError::Corrupt {
@@ -1014,11 +1178,18 @@ impl Outbox {
                 }
             }
         };
+        let Opened {
+            db,
+            state,
+            files,
+            next_file,
+        } = opened;
         let outbox = Outbox {
             inner: Arc::new(Inner {
                 path,
                 cfg: cfg.clone(),
                 db,
+                files,
                 core: Mutex::new(Core {
                     state,
                     failed: None,
@@ -1026,6 +1197,8 @@ impl Outbox {
                     chunk: CHUNK,
                     walk: WALK_RECORDS,
                     seg_limits: (SEG_MAX_RECORDS, SEG_MAX_BYTES),
+                    next_file,
+                    obsolete: Vec::new(),
                 }),
             }),
         };
@@ -1100,9 +1273,6 @@ impl Outbox {
             });
         };
         let mut st = core.state;
-        let mut batch = sled::Batch::default();
-        // One segment per class being filled; a full one goes into the batch.
-        let mut open: [Option<SegBuilder>; 4] = [None, None, None, None];
         let seg_limits = core.seg_limits;
         let capacity = |class: Class| {
             records
@@ -1112,40 +1282,66 @@ impl Outbox {
                 .sum::<usize>()
                 .min(SEG_MAX_BYTES)
         };
-        for ((class, payload), seq) in records.iter().zip(first..) {
-            let slot = &mut open[class.index()];
-            if slot
-                .as_ref()
-                .is_some_and(|b| b.full_for(payload.len(), seg_limits))
-            {
-                if let Some((key, value, _)) = slot.take().and_then(SegBuilder::finish) {
-                    batch.insert(&key[..], value);
+        let mut tx = Tx::default();
+        let mut next_file = core.next_file;
+        let mut stored = Ok(());
+        for class in Class::ALL {
+            let mut recs = records
+                .iter()
+                .zip(first..)
+                .filter(|((c, _), _)| *c == class)
+                .peekable();
+            if recs.peek().is_none() {
+                continue;
+            }
+            // The class's newest segment takes records while it has room, then new ones.
+            let mut b = match self.newest(class) {
+                Ok(Some(h)) => SegBuilder::extend(h, capacity(class)),
+                Ok(None) => SegBuilder::new(class, capacity(class)),
+                Err(e) => {
+                    stored = Err(e);
+                    break;
                 }
+            };
+            for ((_, payload), seq) in recs {
+                if b.full_for(payload.len(), seg_limits) {
+                    let full = std::mem::replace(&mut b, SegBuilder::new(class, capacity(class)));
+                    stored = stored.and_then(|()| self.store(&mut tx, &mut next_file, full));
+                }
+                b.push(seq, now_ms, payload);
+                let c = &mut st.classes[class.index()];
+                c.produced += 1;
+                c.pending_records += 1;
+                c.pending_bytes += stored_size(payload.len());
             }
-            slot.get_or_insert_with(|| SegBuilder::new(*class, capacity(*class)))
-                .push(seq, now_ms, payload);
-            let c = &mut st.classes[class.index()];
-            c.produced += 1;
-            c.pending_records += 1;
-            c.pending_bytes += stored_size(payload.len());
-        }
-        for slot in &mut open {
-            if let Some((key, value, _)) = slot.take().and_then(SegBuilder::finish) {
-                batch.insert(&key[..], value);
+            stored = stored.and_then(|()| self.store(&mut tx, &mut next_file, b));
+            if stored.is_err() {
+                break;
             }
         }
+        // File ids are never reused, whatever reached the disk.
+        core.next_file = next_file;
         st.next_seq = end;
-        batch.insert(META_KEY, st.encode());
-        if let Err(message) = shielded(|| self.inner.db.apply_batch(batch)) {
+        let applied = stored.and_then(|()| {
+            if tx.created {
+                self.inner
+                    .files
+                    .sync_dir()
+                    .map_err(|e| self.err("append", format!("segment directory: {e}")))?;
+            }
+            tx.batch.insert(META_KEY, st.encode());
+            shielded(|| self.inner.db.apply_batch(tx.batch)).map_err(|m| self.err("append", m))
+        });
+        if let Err(e) = applied {
             count_io(&mut core.state, records);
             // Never hand out these seqs again, whatever reached the disk.
             core.state.next_seq = end;
-            core.failed = Some(message.clone());
-            return Err(self.err("append", message));
+            core.failed = Some(e.to_string());
+            return Err(e);
         }
         core.state = st;
         let enforced = self.enforce(&mut core, now_ms);
-        let flushed = shielded(|| self.inner.db.flush());
+        let flushed = self.flush_core(&mut core);
         if let Err(message) = flushed {
             core.failed = Some(message.clone());
             return Err(OutboxError::NotFlushed {
@@ -1224,7 +1420,7 @@ impl Outbox {
         max_bytes: usize,
     ) -> Result<Vec<Record>, OutboxError> {
         let mut core = self.lock();
-        let recs = self.read_after(after, max_records, max_bytes)?;
+        let recs = self.read_after_locked(after, max_records, max_bytes)?;
         if let Some(last) = recs.last() {
             core.published_through = core.published_through.max(last.seq);
         }
@@ -1242,24 +1438,55 @@ impl Outbox {
     }
 
     fn flush_locked(&self, core: &mut Core, op: &'static str) -> Result<(), OutboxError> {
-        shielded(|| self.inner.db.flush()).map(drop).map_err(|m| {
+        self.flush_core(core).map_err(|m| {
             core.failed = Some(m.clone());
             self.err(op, m)
         })
     }
 
-    /// Applies one batch of deletions and rewrites with the counters after them.
+    /// Flushes sled, then deletes the segment files the flushed batches unindexed. A file
+    /// that cannot be deleted is left for the next open to delete.
+    fn flush_core(&self, core: &mut Core) -> Result<(), String> {
+        shielded(|| self.inner.db.flush())?;
+        for id in core.obsolete.drain(..) {
+            if let Err(e) = self.inner.files.remove(id) {
+                tracing::warn!(
+                    outbox = %self.inner.path,
+                    file = %self.inner.files.path(id).display(),
+                    error = %e,
+                    "cannot delete an acknowledged segment file; the next open deletes it"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one transaction (index changes; its new files are already written) with the
+    /// counters after it.
     fn apply_locked(
         &self,
         core: &mut Core,
-        mut batch: sled::Batch,
+        tx: Tx,
         st: State,
         op: &'static str,
     ) -> Result<(), OutboxError> {
+        let Tx {
+            mut batch,
+            created,
+            obsolete,
+        } = tx;
+        if created {
+            if let Err(e) = self.inner.files.sync_dir() {
+                let m = format!("segment directory: {e}");
+                core.failed = Some(m.clone());
+                return Err(self.err(op, m));
+            }
+        }
         batch.insert(META_KEY, st.encode());
         match shielded(|| self.inner.db.apply_batch(batch)) {
             Ok(()) => {
                 core.state = st;
+                core.obsolete.extend(obsolete);
                 Ok(())
             }
             Err(m) => {
@@ -1269,12 +1496,117 @@ impl Outbox {
         }
     }
 
-    /// Removes the records of `class` with seq in `lo+1..=hi` (adds the deletions and
-    /// rewrites to `batch`); returns how many records and counted bytes. Touches only the
-    /// segments holding such records.
+    /// The index entry of the newest segment of `class`, if any.
+    fn newest(&self, class: Class) -> Result<Option<SegHeader>, OutboxError> {
+        let path = &self.inner.path;
+        let last = self
+            .inner
+            .db
+            .range(seg_key(class, 0)..=seg_key(class, u64::MAX))
+            .next_back();
+        match last {
+            None => Ok(None),
+            Some(item) => {
+                let (key, value) = item.map_err(|e| sled_err(path, "read", e))?;
+                Ok(Some(Segment::parse(path, class, key, value)?.h))
+            }
+        }
+    }
+
+    /// Writes the new records of `b` to its segment file (a new file, or past the indexed end
+    /// of the stored segment it extends), fsynced, and adds its index entry to `tx`.
+    fn store(&self, tx: &mut Tx, next_file: &mut u64, b: SegBuilder) -> Result<(), OutboxError> {
+        if b.buf.is_empty() {
+            return Ok(());
+        }
+        let files = &self.inner.files;
+        let io = |e: std::io::Error, id: u64| {
+            self.err(
+                "write",
+                format!("segment file {}: {e}", files.path(id).display()),
+            )
+        };
+        let added = b.buf.len() as u64;
+        let (file, len, crc) = match b.base {
+            Some(h) => {
+                files
+                    .extend(h.file, h.len, &b.buf)
+                    .map_err(|e| io(e, h.file))?;
+                let mut hasher = crc32fast::Hasher::new_with_initial(h.crc);
+                hasher.update(&b.buf);
+                (h.file, h.len + added, hasher.finalize())
+            }
+            None => {
+                let id = *next_file;
+                *next_file = next_file.saturating_add(1);
+                files.create(id, &b.buf).map_err(|e| io(e, id))?;
+                tx.created = true;
+                (id, added, crc32fast::hash(&b.buf))
+            }
+        };
+        let h = SegHeader {
+            class: b.class,
+            count: b.count,
+            first: b.first,
+            last: b.last,
+            min_at: b.min_at,
+            max_at: b.max_at,
+            bytes: b.bytes,
+            file,
+            len,
+            crc,
+        };
+        tx.batch
+            .insert(&seg_key(b.class, b.first)[..], &h.encode()[..]);
+        Ok(())
+    }
+
+    /// Removes from `seg` the records with seq in `lo+1..=hi` (adds the index changes to
+    /// `tx`; a segment keeping some records is rewritten to a new file): how many records
+    /// and counted bytes.
+    fn cut(
+        &self,
+        tx: &mut Tx,
+        next_file: &mut u64,
+        seg: &mut Segment,
+        lo: u64,
+        hi: u64,
+    ) -> Result<(u64, u64), OutboxError> {
+        if seg.h.first > lo && seg.h.last <= hi {
+            tx.batch.remove(seg.key.clone());
+            tx.obsolete.push(seg.h.file);
+            return Ok((u64::from(seg.h.count), seg.h.bytes));
+        }
+        let path = &self.inner.path;
+        seg.load(path, &self.inner.files)?;
+        let (mut n, mut bytes) = (0u64, 0u64);
+        let mut kept = SegBuilder::new(seg.h.class, seg.data.as_ref().map_or(0, |d| d.len()));
+        for r in seg.records(path)? {
+            if r.seq > lo && r.seq <= hi {
+                n += 1;
+                bytes += stored_size(r.payload.len());
+            } else {
+                kept.push(r.seq, r.at, seg.payload(&r));
+            }
+        }
+        if n == 0 {
+            return Ok((0, 0));
+        }
+        if kept.count == 0 || seg_key(seg.h.class, kept.first)[..] != seg.key[..] {
+            tx.batch.remove(seg.key.clone());
+        }
+        self.store(tx, next_file, kept)?;
+        tx.obsolete.push(seg.h.file);
+        Ok((n, bytes))
+    }
+
+    /// Removes the records of `class` with seq in `lo+1..=hi` (adds the changes to `tx`);
+    /// returns how many records and counted bytes. Touches only the segments holding such
+    /// records.
     fn remove_range(
         &self,
-        batch: &mut sled::Batch,
+        tx: &mut Tx,
+        next_file: &mut u64,
         class: Class,
         lo: u64,
         hi: u64,
@@ -1284,11 +1616,11 @@ impl Outbox {
         let (mut n, mut bytes) = (0u64, 0u64);
         for item in self.inner.db.range(start..=seg_key(class, hi)) {
             let (key, value) = item.map_err(|e| sled_err(path, "read", e))?;
-            let seg = Segment::parse(path, class, key, value)?;
+            let mut seg = Segment::parse(path, class, key, value)?;
             if seg.h.last <= lo {
                 continue;
             }
-            let (dn, db) = seg.remove_range(path, lo, hi, batch)?;
+            let (dn, db) = self.cut(tx, next_file, &mut seg, lo, hi)?;
             n += dn;
             bytes += db;
         }
@@ -1306,14 +1638,13 @@ impl Outbox {
         let Some(ttl_ms) = self.inner.cfg.ttl_secs.map(|s| s.saturating_mul(1000)) else {
             return Ok(0);
         };
-        let path = &self.inner.path;
         let mut total = 0;
         for class in Class::ALL {
             // Records of a class are in append order, so the expired ones come first (a
             // clock set back can leave an expired record behind a younger one until later).
             loop {
                 let (lo, chunk, walk) = (core.exempt_through(), core.chunk, core.walk);
-                let mut cur = Cursor::new(path, &self.inner.db, class, lo)?;
+                let mut cur = Cursor::new(&self.inner, class, lo)?;
                 let mut hi = None;
                 let mut walked = 0usize;
                 let mut more = false;
@@ -1332,10 +1663,10 @@ impl Outbox {
                 drop(cur);
                 let Some(hi) = hi else { break };
                 let mut st = core.state;
-                let mut batch = sled::Batch::default();
-                let (n, bytes) = self.remove_range(&mut batch, class, lo, hi)?;
+                let mut tx = Tx::default();
+                let (n, bytes) = self.remove_range(&mut tx, &mut core.next_file, class, lo, hi)?;
                 st.drop_records(class, DropReason::Ttl, n, bytes);
-                self.apply_locked(core, batch, st, "expire")?;
+                self.apply_locked(core, tx, st, "expire")?;
                 total += n;
                 if !more {
                     break;
@@ -1357,7 +1688,7 @@ impl Outbox {
             let mut hi: [Option<u64>; 4] = [None; 4];
             let mut walked = 0usize;
             for group in EVICTION_ORDER {
-                let mut it = Merged::new(path, &self.inner.db, group, lo)?;
+                let mut it = Merged::new(&self.inner, group, lo)?;
                 let mut limited = false;
                 while need > 0 {
                     if walked > 0 && (walked >= walk || it.loaded() > chunk) {
@@ -1378,11 +1709,12 @@ impl Outbox {
                 break;
             }
             let mut st = core.state;
-            let mut batch = sled::Batch::default();
+            let mut tx = Tx::default();
             let mut n_all = 0;
             for class in Class::ALL {
                 if let Some(h) = hi[class.index()] {
-                    let (n, bytes) = self.remove_range(&mut batch, class, lo, h)?;
+                    let (n, bytes) =
+                        self.remove_range(&mut tx, &mut core.next_file, class, lo, h)?;
                     st.drop_records(class, DropReason::Cap, n, bytes);
                     n_all += n;
                 }
@@ -1394,7 +1726,7 @@ impl Outbox {
                     message: format!("eviction found {walked} records to drop but removed {n_all}"),
                 });
             }
-            self.apply_locked(core, batch, st, "evict")?;
+            self.apply_locked(core, tx, st, "evict")?;
             total += n_all;
         }
         Ok(total)
@@ -1409,9 +1741,20 @@ impl Outbox {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, OutboxError> {
+        // Under the lock: no segment file is deleted or rewritten during the read.
+        let _core = self.lock();
+        self.read_after_locked(after, max_records, max_bytes)
+    }
+
+    fn read_after_locked(
+        &self,
+        after: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, OutboxError> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        let mut it = Merged::new(&self.inner.path, &self.inner.db, &Class::ALL, after)?;
+        let mut it = Merged::new(&self.inner, &Class::ALL, after)?;
         while out.len() < max_records.max(1) {
             let Some(h) = it.next()? else { break };
             if !out.is_empty() && bytes.saturating_add(h.len()) > max_bytes {
@@ -1453,7 +1796,7 @@ impl Outbox {
             for (class, iter) in &mut iters {
                 heads.push(next_segment(path, *class, iter)?);
             }
-            let mut taken: [Vec<sled::IVec>; 4] = Default::default();
+            let mut taken: [Vec<(sled::IVec, u64)>; 4] = Default::default();
             let mut counted = [(0u64, 0u64); 4];
             let mut last_taken: [Option<Segment>; 4] = [None, None, None, None];
             let mut through = seq;
@@ -1474,7 +1817,7 @@ impl Outbox {
                 if let Some(prev) = std::mem::replace(&mut heads[i], next)
                     .and_then(|seg| last_taken[i].replace(seg))
                 {
-                    taken[i].push(prev.key.clone());
+                    taken[i].push((prev.key.clone(), prev.h.file));
                     counted[i].0 += u64::from(prev.h.count);
                     counted[i].1 += prev.h.bytes;
                 }
@@ -1482,15 +1825,16 @@ impl Outbox {
             drop(heads);
             drop(iters);
             let mut st = core.state;
-            let mut batch = sled::Batch::default();
+            let mut tx = Tx::default();
             for class in Class::ALL {
                 let i = class.index();
                 let (mut n, mut bytes) = counted[i];
-                for key in taken[i].drain(..) {
-                    batch.remove(key);
+                for (key, file) in taken[i].drain(..) {
+                    tx.batch.remove(key);
+                    tx.obsolete.push(file);
                 }
-                if let Some(seg) = last_taken[i].take() {
-                    let (dn, db) = seg.remove_range(path, 0, through, &mut batch)?;
+                if let Some(mut seg) = last_taken[i].take() {
+                    let (dn, db) = self.cut(&mut tx, &mut core.next_file, &mut seg, 0, through)?;
                     n += dn;
                     bytes += db;
                 }
@@ -1499,7 +1843,7 @@ impl Outbox {
                 removed += n;
             }
             st.acked_through = through;
-            self.apply_locked(&mut core, batch, st, "ack")?;
+            self.apply_locked(&mut core, tx, st, "ack")?;
             if through == seq {
                 break;
             }
@@ -1511,6 +1855,12 @@ impl Outbox {
     /// Everything up to and including this seq was acknowledged (0: nothing yet).
     pub fn acked_through(&self) -> u64 {
         self.lock().state.acked_through
+    }
+
+    /// The epoch of this database: random, chosen when it was created. Its seqs start at 1;
+    /// a new database (after a quarantine) has a new epoch.
+    pub fn epoch(&self) -> u64 {
+        self.lock().state.epoch
     }
 
     /// The last seq assigned (0: none yet).
@@ -1527,6 +1877,7 @@ impl Outbox {
         };
         OutboxStats {
             classes: state.classes,
+            epoch: state.epoch,
             last_seq: state.next_seq - 1,
             acked_through: state.acked_through,
             stored_bytes: state.stored_bytes(),
@@ -1536,10 +1887,16 @@ impl Outbox {
         }
     }
 
-    /// The size of sled's files (sled's space amplification makes it larger than
-    /// `stored_bytes`).
+    /// The size of sled's files (the index) and of the segment files.
     pub fn size_on_disk(&self) -> Result<u64, OutboxError> {
-        shielded(|| self.inner.db.size_on_disk()).map_err(|m| self.err("size_on_disk", m))
+        let index =
+            shielded(|| self.inner.db.size_on_disk()).map_err(|m| self.err("size_on_disk", m))?;
+        let files = self
+            .inner
+            .files
+            .list()
+            .map_err(|e| self.err("size_on_disk", e.to_string()))?;
+        Ok(index + files.iter().map(|(_, len)| len).sum::<u64>())
     }
 
     /// Makes everything written so far durable.
@@ -1595,7 +1952,8 @@ impl Outbox {
                 .range(seg_key(class, 0)..=seg_key(class, u64::MAX))
             {
                 let (key, value) = item.map_err(|e| sled_err(path, "verify", e))?;
-                let seg = Segment::parse(path, class, key, value)?;
+                let mut seg = Segment::parse(path, class, key, value)?;
+                seg.load(path, &self.inner.files)?;
                 let k = hex(&seg.key);
                 let mut h = SegBuilder::new(class, 0);
                 for r in seg.records(path)? {
@@ -1621,6 +1979,9 @@ impl Outbox {
                     min_at: h.min_at,
                     max_at: h.max_at,
                     bytes: h.bytes,
+                    file: seg.h.file,
+                    len: seg.h.len,
+                    crc: seg.h.crc,
                 };
                 if found != seg.h {
                     return Err(corrupt(
@@ -1684,7 +2045,15 @@ fn count_io(st: &mut State, records: &[(Class, Vec<u8>)]) {
 /// can hold its file for a moment after the last handle is dropped.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-fn open_db_waiting(dir: &Path, cfg: &OutboxConfig) -> Result<(sled::Db, State), Opening> {
+/// An opened database: sled, its counters, the segment files, the next file id.
+struct Opened {
+    db: sled::Db,
+    state: State,
+    files: Files,
+    next_file: u64,
+}
+
+fn open_db_waiting(dir: &Path, cfg: &OutboxConfig) -> Result<Opened, Opening> {
     let start = std::time::Instant::now();
     loop {
         match open_db(dir, cfg) {
@@ -1696,15 +2065,106 @@ fn open_db_waiting(dir: &Path, cfg: &OutboxConfig) -> Result<(sled::Db, State), 
     }
 }
 
-fn open_db(dir: &Path, cfg: &OutboxConfig) -> Result<(sled::Db, State), Opening> {
+fn open_db(dir: &Path, cfg: &OutboxConfig) -> Result<Opened, Opening> {
+    let (db, state) = open_index(dir, cfg)?;
+    let (files, next_file) = match catch_unwind(AssertUnwindSafe(|| open_files(dir, &db))) {
+        Ok(r) => r?,
+        Err(panic) => {
+            return Err(Opening::Corrupt(format!(
+                "sled panicked while reading the index: {}",
+                panic_text(&*panic)
+            )))
+        }
+    };
+    Ok(Opened {
+        db,
+        state,
+        files,
+        next_file,
+    })
+}
+
+/// Checks the segment files against the index: every indexed file present and at least as
+/// long as indexed, no file indexed twice; deletes the files nothing indexes (a crash between
+/// writing a file and indexing it, or between unindexing and deleting it). Returns the next
+/// free file id.
+fn open_files(dir: &Path, db: &sled::Db) -> Result<(Files, u64), Opening> {
+    let path = dir.display().to_string();
+    let files = Files {
+        dir: dir.join(SEGMENTS_DIR),
+    };
+    let failed = |op: &'static str, e: std::io::Error| {
+        Opening::Failed(OutboxError::Sled {
+            path: path.clone(),
+            op,
+            message: format!("{}: {e}", files.dir.display()),
+        })
+    };
+    std::fs::create_dir_all(&files.dir).map_err(|e| failed("create", e))?;
+    let on_disk: std::collections::HashMap<u64, u64> = files
+        .list()
+        .map_err(|e| failed("list", e))?
+        .into_iter()
+        .collect();
+    let mut indexed = std::collections::HashSet::new();
+    for item in db.range(seg_key(Class::Telemetry, 0)..=seg_key(Class::Event, u64::MAX)) {
+        let (key, value) = item.map_err(|e| classify(&path, e))?;
+        let class = key
+            .get(1)
+            .and_then(|c| Class::from_code(*c))
+            .ok_or_else(|| Opening::Corrupt(format!("key {}: not a segment key", hex(&key))))?;
+        let seg = Segment::parse(&path, class, key, value)
+            .map_err(|e| Opening::Corrupt(e.to_string()))?;
+        let name = files.path(seg.h.file);
+        match on_disk.get(&seg.h.file) {
+            None => {
+                return Err(Opening::Corrupt(format!(
+                    "key {}: segment file {} is missing",
+                    hex(&seg.key),
+                    name.display()
+                )))
+            }
+            Some(&len) if len < seg.h.len => {
+                return Err(Opening::Corrupt(format!(
+                    "key {}: segment file {} has {len} bytes, the index says {}",
+                    hex(&seg.key),
+                    name.display(),
+                    seg.h.len
+                )))
+            }
+            Some(_) => {}
+        }
+        if !indexed.insert(seg.h.file) {
+            return Err(Opening::Corrupt(format!(
+                "key {}: segment file {} is indexed twice",
+                hex(&seg.key),
+                name.display()
+            )));
+        }
+    }
+    for &id in on_disk.keys() {
+        if !indexed.contains(&id) {
+            files.remove(id).map_err(|e| failed("delete", e))?;
+        }
+    }
+    let next_file = on_disk.keys().max().map_or(0, |m| m.saturating_add(1));
+    Ok((files, next_file))
+}
+
+/// Opens sled and reads the counters (creating them in a new database).
+fn open_index(dir: &Path, cfg: &OutboxConfig) -> Result<(sled::Db, State), Opening> {
     let path = dir.display().to_string();
     // sled opens a log full of garbage as an empty database without an error: a database
-    // that existed before must have our counters, or it lost its contents.
+    // that existed before (sled's files, or segment files) must have our counters, or it
+    // lost its contents.
     let existed = dir.join("conf").exists()
         || dir
             .join("db")
             .metadata()
             .map(|m| m.len() > 0)
+            .unwrap_or(false)
+        || std::fs::read_dir(dir.join(SEGMENTS_DIR))
+            .map(|mut d| d.next().is_some())
             .unwrap_or(false);
     let config = sled::Config::new()
         .path(dir)
@@ -2042,12 +2502,14 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("outbox");
         let o = open(&dir, &OutboxConfig::default());
-        // Per class 2 * SEG_MAX_RECORDS + a few: three segments each.
-        let n = 4 * 2 * SEG_MAX_RECORDS + 17;
+        // Segments of 64 records; per class 2 * 64 + a few: three segments each.
+        o.set_segment_limits(64, SEG_MAX_BYTES);
+        let n = 4 * 2 * 64 + 17;
         let batch: Vec<_> = (0..n).map(|i| (Class::ALL[i % 4], vec![1u8; 8])).collect();
         o.append(&batch).unwrap();
         assert_eq!(o.segment_count().unwrap(), 12);
-        // And many small segments.
+        // And many small segments (one record each).
+        o.set_segment_limits(1, SEG_MAX_BYTES);
         for i in 0..40 {
             o.append(&[(Class::ALL[i % 4], vec![2u8; 8])]).unwrap();
         }
@@ -2112,12 +2574,169 @@ mod tests {
         o.verify().unwrap();
     }
 
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir.join(SEGMENTS_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn small_appends_fill_the_newest_segment_and_acks_delete_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("outbox");
+        let o = open(&dir, &OutboxConfig::default());
+        for i in 0..50 {
+            o.append(&[rec(Class::Health, &format!("h{i}")), rec(Class::Event, "e")])
+                .unwrap();
+        }
+        // One segment (and one file) per class, not one per append.
+        assert_eq!(o.segment_count().unwrap(), 2);
+        assert_eq!(segment_files(&dir).len(), 2);
+        o.verify().unwrap();
+        drop(o);
+        // Still extended after a reopen.
+        let o = open(&dir, &OutboxConfig::default());
+        o.append(&[rec(Class::Health, "after")]).unwrap();
+        assert_eq!(o.segment_count().unwrap(), 2);
+        let all = o.read_after(0, 1000, BIG).unwrap();
+        assert_eq!(seqs(&all), (1..=101).collect::<Vec<_>>());
+        assert_eq!(all[100].payload, b"after");
+        assert_eq!(all[98].payload, b"h49");
+        // An ack inside the segments rewrites them to new files; the old ones are deleted.
+        let before = segment_files(&dir);
+        o.ack_through(11).unwrap();
+        let after = segment_files(&dir);
+        assert_eq!(after.len(), 2);
+        assert!(
+            after.iter().all(|f| !before.contains(f)),
+            "{before:?} {after:?}"
+        );
+        o.verify().unwrap();
+        o.ack_through(101).unwrap();
+        assert!(segment_files(&dir).is_empty());
+        assert_eq!(o.segment_count().unwrap(), 0);
+        o.verify().unwrap();
+    }
+
+    #[test]
+    fn crc_of_an_extended_file_resumes() {
+        let (a, b) = (b"first part".as_slice(), b" and the rest".as_slice());
+        let mut h = crc32fast::Hasher::new_with_initial(crc32fast::hash(a));
+        h.update(b);
+        assert_eq!(h.finalize(), crc32fast::hash(&[a, b].concat()));
+    }
+
+    #[test]
+    fn unindexed_segment_files_are_deleted_on_open_and_ids_not_reused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("outbox");
+        let o = open(&dir, &OutboxConfig::default());
+        o.append(&[rec(Class::Event, "kept")]).unwrap();
+        drop(o);
+        // A crash after writing a file and before indexing it leaves such a file.
+        let stray = dir.join(SEGMENTS_DIR).join(format!("{:016x}.seg", 0x40));
+        std::fs::write(&stray, b"written, never indexed").unwrap();
+        let other = dir.join(SEGMENTS_DIR).join("notes.txt");
+        std::fs::write(&other, b"not ours").unwrap();
+        let (o, q) = Outbox::open(&dir, &OutboxConfig::default()).unwrap();
+        assert_eq!(q, None);
+        assert!(!stray.exists());
+        assert!(other.exists(), "files that are not segments are left alone");
+        o.append(&[rec(Class::Drift, "new file")]).unwrap();
+        let names: Vec<_> = segment_files(&dir)
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        assert!(names.contains(&format!("{:016x}.seg", 0x41)), "{names:?}");
+        let all = o.read_after(0, 10, BIG).unwrap();
+        assert_eq!(all[0].payload, b"kept");
+        assert_eq!(all[1].payload, b"new file");
+        o.verify().unwrap();
+    }
+
+    #[test]
+    fn a_missing_segment_file_is_quarantined() {
+        quarantine_case(|dir| {
+            let f = segment_files(dir);
+            assert!(!f.is_empty());
+            std::fs::remove_file(&f[0]).unwrap();
+        });
+    }
+
+    #[test]
+    fn a_truncated_segment_file_is_quarantined() {
+        quarantine_case(|dir| {
+            let f = &segment_files(dir)[0];
+            let len = std::fs::metadata(f).unwrap().len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_len(len - 1)
+                .unwrap();
+        });
+    }
+
+    #[test]
+    fn segment_files_without_a_database_are_quarantined() {
+        quarantine_case(|dir| {
+            for name in ["db", "conf"] {
+                std::fs::remove_file(dir.join(name)).unwrap();
+            }
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let p = entry.unwrap().path();
+                if p.is_file() {
+                    std::fs::remove_file(p).unwrap();
+                } else if p.file_name().unwrap() != SEGMENTS_DIR {
+                    std::fs::remove_dir_all(p).unwrap();
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn a_damaged_segment_file_is_reported_with_its_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("outbox");
+        let o = open(&dir, &OutboxConfig::default());
+        o.append(&[rec(Class::Event, "hello world")]).unwrap();
+        let f = segment_files(&dir).remove(0);
+        let mut bytes = std::fs::read(&f).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x20;
+        std::fs::write(&f, &bytes).unwrap();
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        for e in [
+            o.read_after(0, 10, BIG).unwrap_err(),
+            o.verify().unwrap_err(),
+        ] {
+            let text = e.to_string();
+            assert!(matches!(e, OutboxError::Corrupt { .. }), "{text}");
+            assert!(text.contains(&name) && text.contains("CRC-32"), "{text}");
+        }
+        // Bytes past the indexed length (an append that crashed before its index entry) are
+        // ignored, and overwritten by the next append.
+        bytes[last] ^= 0x20;
+        bytes.extend_from_slice(b"garbage of an interrupted append");
+        std::fs::write(&f, &bytes).unwrap();
+        assert_eq!(o.read_after(0, 10, BIG).unwrap()[0].payload, b"hello world");
+        o.append(&[rec(Class::Event, "next")]).unwrap();
+        let all = o.read_after(0, 10, BIG).unwrap();
+        assert_eq!(all[1].payload, b"next");
+        o.verify().unwrap();
+    }
+
     #[test]
     fn read_after_starts_inside_a_segment() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("outbox");
         let o = open(&dir, &OutboxConfig::default());
-        // seq i: class ALL[(i - 1) % 4], payload "r<i>"; one segment per class per append.
+        // seq i: class ALL[(i - 1) % 4], payload "r<i>"; segments of 5 records: one segment
+        // per class per append.
+        o.set_segment_limits(5, SEG_MAX_BYTES);
         for round in 0..3u64 {
             let batch: Vec<_> = (0..20u64)
                 .map(|i| {
@@ -2607,6 +3226,7 @@ mod tests {
             let batch: Vec<_> = (0..100).map(|_| (Class::Event, vec![3u8; 200])).collect();
             o.append(&batch).unwrap();
         }
+        let old_epoch = o.epoch();
         drop(o);
         damage(&dir);
         let (o, q) = Outbox::open(&dir, &OutboxConfig::default()).unwrap();
@@ -2621,14 +3241,17 @@ mod tests {
             "{q:?}"
         );
         assert!(!q.error.is_empty());
-        // A fresh, working database.
+        // A fresh, working database, in a new epoch (its seqs restart).
         assert_eq!(o.last_seq(), 0);
+        let epoch = o.epoch();
+        assert_ne!(epoch, old_epoch);
         assert_eq!(o.append(&[rec(Class::Event, "again")]).unwrap(), 1..2);
         o.verify().unwrap();
         drop(o);
         let (o, q) = Outbox::open(&dir, &OutboxConfig::default()).unwrap();
         assert_eq!(q, None);
         assert_eq!(o.last_seq(), 1);
+        assert_eq!(o.epoch(), epoch, "the epoch is stored");
     }
 
     fn garbage(len: usize) -> Vec<u8> {
@@ -2744,6 +3367,12 @@ mod tests {
         let mut v = s.encode();
         v[0] = 1;
         assert!(State::decode(&v).unwrap_err().contains("format 1"));
+        let mut zero = s;
+        zero.epoch = 0;
+        assert!(State::decode(&zero.encode())
+            .unwrap_err()
+            .contains("epoch 0"));
+        assert_ne!(State::fresh().epoch, State::fresh().epoch);
     }
 
     /// The child side of `appended_records_survive_kill_9`: appends until killed, printing

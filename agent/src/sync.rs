@@ -557,6 +557,8 @@ pub async fn run(
         .network_options
         .set_connection_timeout(cfg.connect_timeout_secs);
 
+    // acks for another outbox epoch (sent before this outbox was recreated) are ignored
+    let epoch = outbox.epoch();
     let link = Arc::new(Link {
         generation: AtomicU64::new(0),
         acked: AtomicU64::new(0),
@@ -619,6 +621,15 @@ pub async fn run(
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if p.topic == topics.ack {
                     match wire::parse_ack(&p.payload) {
+                        Ok(a) if a.epoch != 0 && a.epoch != epoch => {
+                            SyncCounters::bump(&counters.errors);
+                            tracing::warn!(
+                                ack_epoch = a.epoch,
+                                outbox_epoch = epoch,
+                                through = a.through,
+                                "sync: ack for another outbox epoch ignored"
+                            );
+                        }
                         Ok(a) => {
                             SyncCounters::bump(&counters.acks);
                             link.acked.fetch_max(a.through, Ordering::AcqRel);
@@ -773,11 +784,17 @@ trait Source {
     ) -> Result<Vec<Record>, OutboxError>;
     /// The cumulative drop counters, per class.
     fn dropped(&self) -> std::collections::BTreeMap<RecordClass, wire::DropCounts>;
+    /// The outbox epoch (its seq space).
+    fn epoch(&self) -> u64;
 }
 
 impl Source for Outbox {
     fn last_seq(&self) -> u64 {
         Outbox::last_seq(self)
+    }
+
+    fn epoch(&self) -> u64 {
+        Outbox::epoch(self)
     }
 
     fn read_after(
@@ -865,6 +882,7 @@ fn prepare<S: Source + ?Sized>(
         records,
         dropped,
         sent_at_ms: now_ms(),
+        epoch: outbox.epoch(),
     };
     let payload = match wire::encode_batch(&batch, cfg.compress_above_bytes, ZSTD_LEVEL) {
         Ok(p) => p,
@@ -1189,6 +1207,10 @@ mod tests {
                 .take(max_records)
                 .map(record)
                 .collect())
+        }
+
+        fn epoch(&self) -> u64 {
+            1
         }
 
         fn dropped(&self) -> std::collections::BTreeMap<RecordClass, wire::DropCounts> {

@@ -1,7 +1,8 @@
 //! A standalone fleet ingest for benchmarks and manual runs until `fleet-server` serves it:
 //! `ingest serve mqtt://127.0.0.1:1883 DIR` stores and acknowledges device records (Ctrl-C
 //! or SIGTERM stops it); `ingest check DIR DEVICE` prints what was stored as JSON (count,
-//! first and last seq, whether seqs are strictly increasing, the device's drop counters).
+//! first and last seq, the outbox epochs in stored order, whether seqs are strictly
+//! increasing within each epoch, the device's state with its drop counters).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,12 +43,18 @@ fn main() -> anyhow::Result<()> {
         ["check", dir, device] => {
             let dir = PathBuf::from(dir);
             let state = FileStore::read_state(&dir, device)?;
-            let recs = FileStore::read_records(&dir, device, usize::MAX)?;
-            let increasing = recs.windows(2).all(|w| w[0].seq < w[1].seq);
+            let recs = FileStore::read_stored(&dir, device, usize::MAX)?;
+            // within an epoch (a new epoch restarts the device's seqs)
+            let increasing = recs
+                .windows(2)
+                .all(|w| w[0].1.seq < w[1].1.seq || (w[1].0 != 0 && w[0].0 != w[1].0));
+            let mut epochs: Vec<u64> = recs.iter().map(|(e, _)| *e).collect();
+            epochs.dedup();
             let out = serde_json::json!({
                 "stored": recs.len(),
-                "first_seq": recs.first().map(|r| r.seq),
-                "last_seq": recs.last().map(|r| r.seq),
+                "first_seq": recs.first().map(|(_, r)| r.seq),
+                "last_seq": recs.last().map(|(_, r)| r.seq),
+                "epochs": epochs,
                 "strictly_increasing": increasing,
                 "state": state,
             });

@@ -20,6 +20,13 @@
 //!   this is refused like a gap (nothing stored, no ack, the device replays): it comes from a
 //!   device that read its outbox incompletely, and acknowledging it would delete records
 //!   that were never delivered;
+//! - seqs belong to the device's outbox EPOCH (`Batch::epoch`, random per outbox): a batch
+//!   with a new epoch means the device's outbox was recreated (after corruption) and its
+//!   seqs and drop counters restart, so the device's last stored seq and skip accounting
+//!   restart too (counted in `DeviceState::epoch_changes`, with the drops reported in the
+//!   earlier epochs kept in `dropped_earlier`); a batch of an epoch seen before the current
+//!   one (a late redelivery) is refused, not stored and not acknowledged; acks carry the
+//!   epoch they acknowledge;
 //! - the per-device state (last stored seq, counters, the drop counters the device reported)
 //!   survives restarts of this process: after a crash between the records fsync and the
 //!   state write, the records file is truncated back to the length the state file records
@@ -47,6 +54,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Format number of `state.json`.
 pub const STATE_FORMAT: u32 = 1;
+/// Earlier epochs remembered per device (to refuse their late batches).
+const RETIRED_EPOCHS: usize = 8;
 /// Largest `state.json` read back (bytes).
 const MAX_STATE_BYTES: u64 = 1024 * 1024;
 
@@ -115,6 +124,18 @@ pub struct DeviceState {
     /// Length of the records file covered by this state (FileStore bookkeeping).
     #[serde(default)]
     pub records_len: u64,
+    /// The device's current outbox epoch (0: not known yet).
+    #[serde(default)]
+    pub epoch: u64,
+    /// Earlier epochs (newest last, at most 8): their batches are refused.
+    #[serde(default)]
+    pub retired_epochs: Vec<u64>,
+    /// How many times the device's outbox started a new epoch.
+    #[serde(default)]
+    pub epoch_changes: u64,
+    /// Drops the device reported in earlier epochs, all classes and reasons.
+    #[serde(default)]
+    pub dropped_earlier: u64,
 }
 
 impl DeviceState {
@@ -168,6 +189,10 @@ pub struct IngestCounters {
     pub reconnects: AtomicU64,
     /// 1 while connected to the broker.
     pub connected: AtomicU64,
+    /// Devices whose outbox started a new epoch.
+    pub epoch_changes: AtomicU64,
+    /// Batches of an earlier epoch, refused.
+    pub stale_epoch: AtomicU64,
 }
 
 /// The result of one batch.
@@ -185,6 +210,8 @@ pub enum Outcome {
         skipped: u64,
         dropped: u64,
     },
+    /// The batch belongs to an earlier epoch of the device's outbox: nothing stored, no ack.
+    StaleEpoch { epoch: u64, current: u64 },
 }
 
 /// The protocol logic: dedupe, gap detection, drop accounting, store-then-ack.
@@ -235,6 +262,31 @@ impl<S: IngestStore> Ingest<S> {
         let dev = topic_device;
         let mut st = self.store.state(dev)?;
         let mut drops_changed = false;
+        if batch.epoch != 0 && batch.epoch != st.epoch {
+            if st.retired_epochs.contains(&batch.epoch) {
+                self.counters.stale_epoch.fetch_add(1, Ordering::Relaxed);
+                return Ok(Outcome::StaleEpoch {
+                    epoch: batch.epoch,
+                    current: st.epoch,
+                });
+            }
+            if st.epoch != 0 {
+                // the device's outbox was recreated: its seqs and drop counters restart
+                st.retired_epochs.push(st.epoch);
+                let excess = st.retired_epochs.len().saturating_sub(RETIRED_EPOCHS);
+                st.retired_epochs.drain(..excess);
+                st.dropped_earlier = st.dropped_earlier.saturating_add(st.dropped_total());
+                st.dropped.clear();
+                st.last_seq = 0;
+                st.skipped = 0;
+                st.epoch_changes += 1;
+                self.counters.epoch_changes.fetch_add(1, Ordering::Relaxed);
+                drops_changed = true;
+            }
+            // else: first batch with an epoch (a new device, or one from before epochs): the
+            // seqs continue
+            st.epoch = batch.epoch;
+        }
         for (class, reported) in &batch.dropped {
             let known = st.dropped.entry(*class).or_default();
             let merged = DropCounts {
@@ -396,6 +448,23 @@ impl FileStore {
         device: &str,
         max: usize,
     ) -> Result<Vec<wire::Record>, StoreError> {
+        Ok(Self::read_stored(root, device, max)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())
+    }
+
+    /// [`FileStore::read_records`] with the epoch of each record (0: stored before epochs).
+    pub fn read_stored(
+        root: &Path,
+        device: &str,
+        max: usize,
+    ) -> Result<Vec<(u64, wire::Record)>, StoreError> {
+        #[derive(Deserialize)]
+        struct Epoch {
+            #[serde(default)]
+            epoch: u64,
+        }
         use std::io::BufRead;
         let path = Self::dir(root, device).join("records.jsonl");
         let committed = Self::read_state(root, device)?.map_or(0, |s| s.records_len);
@@ -421,12 +490,13 @@ impl FileStore {
                 op: "read",
                 source,
             })?;
-            let rec: wire::Record =
-                serde_json::from_slice(&line).map_err(|e| StoreError::Corrupt {
-                    path: path.clone(),
-                    problem: format!("line {}: {e}", i + 1),
-                })?;
-            out.push(rec);
+            let bad = |e: serde_json::Error| StoreError::Corrupt {
+                path: path.clone(),
+                problem: format!("line {}: {e}", i + 1),
+            };
+            let rec: wire::Record = serde_json::from_slice(&line).map_err(bad)?;
+            let epoch: Epoch = serde_json::from_slice(&line).map_err(bad)?;
+            out.push((epoch.epoch, rec));
         }
         Ok(out)
     }
@@ -505,6 +575,21 @@ fn sync_dir(path: &Path) -> Result<(), StoreError> {
         })
 }
 
+/// One line of `records.jsonl`: the record and the epoch it belongs to (0: not known).
+#[derive(Serialize)]
+struct StoredRecord<'a> {
+    #[serde(skip_serializing_if = "is_zero")]
+    epoch: u64,
+    seq: u64,
+    class: RecordClass,
+    produced_at_ms: u64,
+    body: &'a serde_json::value::RawValue,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl IngestStore for FileStore {
     fn state(&mut self, device: &str) -> Result<DeviceState, StoreError> {
         self.load(device).cloned()
@@ -529,7 +614,14 @@ impl IngestStore for FileStore {
         let path = dir.join("records.jsonl");
         let mut buf = Vec::with_capacity(records.len() * 256);
         for r in records {
-            serde_json::to_writer(&mut buf, r).map_err(|e| StoreError::Corrupt {
+            let line = StoredRecord {
+                epoch: state.epoch,
+                seq: r.seq,
+                class: r.class,
+                produced_at_ms: r.produced_at_ms,
+                body: &r.body,
+            };
+            serde_json::to_writer(&mut buf, &line).map_err(|e| StoreError::Corrupt {
                 path: path.clone(),
                 problem: format!("record {}: {e}", r.seq),
             })?;
@@ -641,9 +733,11 @@ pub async fn run<S: IngestStore + 'static>(
         while let Some((device, payload)) = rx.blocking_recv() {
             match ingest.handle_payload(&device, &payload) {
                 Ok(Outcome::Ack { through, .. }) => {
+                    let epoch = ingest.store().state(&device).map_or(0, |s| s.epoch);
                     let ack = wire::to_json(&wire::Ack {
                         v: wire::VERSION,
                         through,
+                        epoch,
                     });
                     let topic = format!("{prefix}/{device}/ack");
                     match worker_client.try_publish(topic, QoS::AtLeastOnce, false, ack) {
@@ -668,6 +762,9 @@ pub async fn run<S: IngestStore + 'static>(
                         dropped,
                         "batch skips seqs the device did not report dropped: not stored, not acknowledged"
                     );
+                }
+                Ok(Outcome::StaleEpoch { epoch, current }) => {
+                    tracing::info!(%device, epoch, current, "batch of an earlier outbox epoch: not stored, not acknowledged");
                 }
                 Err(e) => tracing::warn!(%device, error = %e, "batch refused"),
             }
@@ -770,7 +867,13 @@ mod tests {
                 },
             )]),
             sent_at_ms: 0,
+            epoch: 0,
         }
+    }
+
+    fn in_epoch(epoch: u64, mut b: Batch) -> Batch {
+        b.epoch = epoch;
+        b
     }
 
     fn seqs(root: &Path) -> Vec<u64> {
@@ -779,6 +882,98 @@ mod tests {
             .iter()
             .map(|r| r.seq)
             .collect()
+    }
+
+    #[test]
+    fn a_new_outbox_epoch_restarts_the_seqs_and_late_batches_of_the_old_one_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let counters = Arc::new(IngestCounters::default());
+        let mut ing = Ingest::new(FileStore::open(root).unwrap(), counters.clone(), 1 << 20);
+        // a device from before epochs, then its first batch with an epoch: seqs continue
+        assert_eq!(
+            ing.handle("d1", batch(0, &[1, 2], 0)).unwrap(),
+            Outcome::Ack { through: 2, new: 2 }
+        );
+        assert_eq!(
+            ing.handle("d1", in_epoch(11, batch(2, &[3, 4, 5], 0)))
+                .unwrap(),
+            Outcome::Ack { through: 5, new: 3 }
+        );
+        // epoch 22 (the outbox was recreated): seq 1 again, not a duplicate; the drops of
+        // epoch 11 are kept apart
+        assert_eq!(
+            ing.handle("d1", in_epoch(11, batch(5, &[7], 1))).unwrap(),
+            Outcome::Ack { through: 7, new: 1 }
+        );
+        assert_eq!(
+            ing.handle("d1", in_epoch(22, batch(0, &[1, 2], 0)))
+                .unwrap(),
+            Outcome::Ack { through: 2, new: 2 }
+        );
+        // a late redelivery from epoch 11: refused, nothing stored
+        assert_eq!(
+            ing.handle("d1", in_epoch(11, batch(7, &[8], 1))).unwrap(),
+            Outcome::StaleEpoch {
+                epoch: 11,
+                current: 22
+            }
+        );
+        // epoch 22 goes on; a skip there needs epoch 22's own drops
+        assert_eq!(
+            ing.handle("d1", in_epoch(22, batch(2, &[4], 0))).unwrap(),
+            Outcome::Unaccounted {
+                last_seq: 2,
+                skipped: 1,
+                dropped: 0
+            }
+        );
+        assert_eq!(
+            ing.handle("d1", in_epoch(22, batch(2, &[3], 0))).unwrap(),
+            Outcome::Ack { through: 3, new: 1 }
+        );
+        drop(ing);
+        let st = FileStore::read_state(root, "d1").unwrap().unwrap();
+        assert_eq!(
+            (st.epoch, st.retired_epochs.clone(), st.epoch_changes),
+            (22, vec![11], 1)
+        );
+        assert_eq!(
+            (st.last_seq, st.dropped_earlier, st.dropped_total()),
+            (3, 1, 0)
+        );
+        assert_eq!(st.received_total(), 9);
+        let stored: Vec<(u64, u64)> = FileStore::read_stored(root, "d1", usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|(e, r)| (*e, r.seq))
+            .collect();
+        assert_eq!(
+            stored,
+            vec![
+                (0, 1),
+                (0, 2),
+                (11, 3),
+                (11, 4),
+                (11, 5),
+                (11, 7),
+                (22, 1),
+                (22, 2),
+                (22, 3)
+            ]
+        );
+        assert_eq!(counters.epoch_changes.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.stale_epoch.load(Ordering::Relaxed), 1);
+        // after a restart the epochs are remembered
+        let mut ing = Ingest::new(FileStore::open(root).unwrap(), counters.clone(), 1 << 20);
+        assert!(matches!(
+            ing.handle("d1", in_epoch(11, batch(0, &[1], 0))).unwrap(),
+            Outcome::StaleEpoch { .. }
+        ));
+        assert_eq!(
+            ing.handle("d1", in_epoch(22, batch(3, &[4], 0))).unwrap(),
+            Outcome::Ack { through: 4, new: 1 }
+        );
     }
 
     #[test]

@@ -210,6 +210,12 @@ pub struct Batch {
     /// When the batch was (re)published (Unix milliseconds).
     #[serde(default)]
     pub sent_at_ms: u64,
+    /// The device's outbox epoch: random, chosen when its outbox was created. Seqs and drop
+    /// counters belong to one epoch: a new epoch (the device's outbox was recreated after
+    /// corruption) starts again at seq 1 with zero drops. 0: not given (the consumer keeps
+    /// the epoch it knows).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// Ack from the fleet: every record with `seq <= through` is stored durably.
@@ -217,6 +223,10 @@ pub struct Batch {
 pub struct Ack {
     pub v: u32,
     pub through: u64,
+    /// The epoch of the batches acknowledged (see [`Batch::epoch`]); a device ignores an ack
+    /// for another epoch. 0: not given (applies to the current epoch).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// A command to the device. Unknown `cmd` values are refused.
@@ -589,6 +599,7 @@ mod tests {
                 },
             )]),
             sent_at_ms: 1,
+            epoch: 0x5eed,
         }
     }
 
@@ -704,6 +715,14 @@ mod tests {
         assert!(err.to_string().contains("sleeping"), "{err}");
 
         assert_eq!(parse_ack(br#"{"v":1,"through":42}"#).unwrap().through, 42);
+        // epoch is optional (0: not given)
+        assert_eq!(parse_ack(br#"{"v":1,"through":42}"#).unwrap().epoch, 0);
+        assert_eq!(
+            parse_ack(br#"{"v":1,"through":42,"epoch":7}"#)
+                .unwrap()
+                .epoch,
+            7
+        );
         let err = parse_ack(br#"{"v":1}"#).unwrap_err().to_string();
         assert!(err.contains("missing field `through`"), "{err}");
         let err = parse_ack(br#"{"v":3,"through":1}"#)
