@@ -1,6 +1,7 @@
 //! Outbox -> MQTT sync -> fleet ingest through a real Mosquitto broker, in process: every
 //! record stored exactly once and in order across broker kill -9 and restarts and an agent
-//! crash; with a small cap produced = stored + counted drops; TLS, mutual TLS and failover.
+//! crash; with a small cap produced = stored + counted drops; TLS, mutual TLS and failover;
+//! a quarantined outbox's new epoch stored after the old one.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -640,5 +641,65 @@ fn sync_over_tls_and_mutual_tls() {
     let err = agent.counters.last_error();
     assert!(err.contains("TLS") && err.contains("sync.ca_file"), "{err}");
     agent.stop(&rt);
+    fleet.stop(&rt);
+}
+
+#[test]
+fn sync_a_quarantined_outbox_starts_a_new_epoch_the_fleet_stores() {
+    if !mosquitto_or_skip("sync tests") {
+        return;
+    }
+    let rt = runtime();
+    let tmp = scratch();
+    let broker = Mosquitto::start(tmp.path());
+    let fleet = start_fleet(&rt, &broker.url(), &tmp.path().join("fleet"), "fleet-e");
+    let ob_dir = tmp.path().join("outbox");
+    let dev = "press-e";
+    // epoch 1: 500 records delivered
+    let (outbox, _) = Outbox::open(&ob_dir, &OutboxConfig::default()).unwrap();
+    let first_epoch = outbox.epoch();
+    let agent = start_agent(&rt, sync_cfg(vec![broker.url()]), dev, &outbox);
+    let last = produce(&outbox, Some(&agent.wake), 500, 100);
+    wait_delivered(&fleet, &outbox, dev, last);
+    agent.stop(&rt);
+    drop(outbox);
+    // the outbox's database is damaged: it is moved aside and a fresh one (new epoch, seqs
+    // from 1 again) is created
+    let db = ob_dir.join("db");
+    let len = std::fs::metadata(&db).unwrap().len() as usize;
+    std::fs::write(&db, vec![0x5a; len.max(4096)]).unwrap();
+    let mut opened = None;
+    assert!(wait_until(Duration::from_secs(10), || {
+        opened = Outbox::open(&ob_dir, &OutboxConfig::default()).ok();
+        opened.is_some()
+    }));
+    let (outbox, quarantined) = opened.unwrap();
+    assert!(quarantined.is_some(), "the damaged outbox was quarantined");
+    assert_ne!(outbox.epoch(), first_epoch);
+    let agent = start_agent(&rt, sync_cfg(vec![broker.url()]), dev, &outbox);
+    let last2 = produce(&outbox, Some(&agent.wake), 300, 100);
+    assert_eq!(last2, 300, "the new epoch starts at seq 1");
+    // delivered and acknowledged although seqs 1..=300 were stored before (other epoch)
+    assert!(
+        wait_until(Duration::from_secs(90), || outbox.acked_through() >= last2),
+        "the new epoch was not acknowledged: acked through {}",
+        outbox.acked_through()
+    );
+    agent.stop(&rt);
+    let st = fleet.state(dev);
+    assert_eq!((st.epoch, st.epoch_changes), (outbox.epoch(), 1));
+    assert_eq!(st.retired_epochs, vec![first_epoch]);
+    let stored = FileStore::read_stored(&fleet.dir, dev, usize::MAX).unwrap();
+    let expect: Vec<(u64, u64)> = (1..=500)
+        .map(|s| (first_epoch, s))
+        .chain((1..=300).map(|s| (outbox.epoch(), s)))
+        .collect();
+    let got: Vec<(u64, u64)> = stored.iter().map(|(e, r)| (*e, r.seq)).collect();
+    assert!(
+        got == expect,
+        "stored {} records, not epoch 1 seqs 1..=500 then epoch 2 seqs 1..=300",
+        got.len()
+    );
+    assert_no_unaccounted_skip(&fleet);
     fleet.stop(&rt);
 }
