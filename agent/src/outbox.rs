@@ -44,7 +44,9 @@
 //! - a record that cannot be stored (I/O error, full disk) is counted as produced and dropped
 //!   `io`, and the call returns an error instead of blocking or panicking. After the first
 //!   write failure the outbox refuses further writes (sled poisons itself on I/O errors) until
-//!   it is reopened; those `io` counts live in memory only until then;
+//!   it is reopened. The `io` counts and the seqs the failed append took are then written to
+//!   the index if it still accepts a write (so seqs are not reused after a restart), and
+//!   otherwise live in memory only;
 //! - a database sled cannot open (corrupt files, a panic inside sled, a missing or
 //!   inconsistent counter record, an index entry whose segment file is missing or shorter
 //!   than indexed, segment files without a database, the layouts of older agents) is renamed
@@ -1256,6 +1258,7 @@ impl Outbox {
         }
         if let Some(reason) = core.failed.clone() {
             count_io(&mut core.state, records);
+            self.save_counters_best_effort(&core);
             return Err(OutboxError::Failed {
                 path: self.inner.path.clone(),
                 reason,
@@ -1337,6 +1340,7 @@ impl Outbox {
             // Never hand out these seqs again, whatever reached the disk.
             core.state.next_seq = end;
             core.failed = Some(e.to_string());
+            self.save_counters_best_effort(&core);
             return Err(e);
         }
         core.state = st;
@@ -1434,6 +1438,21 @@ impl Outbox {
                 reason: reason.clone(),
             }),
             None => Ok(()),
+        }
+    }
+
+    /// After a failed append: writes the counters (the `io` drops, the next seq) if the index
+    /// still accepts a write (a full file system often leaves room for that small value, or
+    /// the failure was in a segment file), so that they survive a restart; otherwise they
+    /// live in memory only.
+    fn save_counters_best_effort(&self, core: &Core) {
+        let meta = core.state.encode();
+        let saved = shielded(|| {
+            self.inner.db.insert(META_KEY, meta)?;
+            self.inner.db.flush()
+        });
+        if let Err(e) = saved {
+            tracing::debug!(outbox = %self.inner.path, error = %e, "counters not saved");
         }
     }
 
@@ -2618,6 +2637,45 @@ mod tests {
         o.ack_through(101).unwrap();
         assert!(segment_files(&dir).is_empty());
         assert_eq!(o.segment_count().unwrap(), 0);
+        o.verify().unwrap();
+    }
+
+    #[test]
+    fn a_full_disk_fails_the_append_counts_io_drops_and_keeps_the_records_stored() {
+        if !Path::new("/dev/full").exists() {
+            eprintln!("SKIPPED: no /dev/full on this machine");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("outbox");
+        let o = open(&dir, &OutboxConfig::default());
+        o.append(&[rec(Class::Event, "stored"), rec(Class::Event, "stored too")])
+            .unwrap();
+        // The disk fills up: writes to the segment file fail with ENOSPC (/dev/full).
+        let f = segment_files(&dir).remove(0);
+        let saved = std::fs::read(&f).unwrap();
+        std::fs::remove_file(&f).unwrap();
+        std::os::unix::fs::symlink("/dev/full", &f).unwrap();
+        let e = o.append(&[rec(Class::Event, "lost")]).unwrap_err();
+        assert!(e.to_string().contains(&*f.to_string_lossy()), "{e}");
+        let e = o.append(&[rec(Class::Event, "refused")]).unwrap_err();
+        assert!(matches!(e, OutboxError::Failed { .. }), "{e}");
+        let s = o.stats();
+        let ev = s.class(Class::Event);
+        assert_eq!((ev.produced, ev.pending_records), (4, 2));
+        assert_eq!(ev.dropped(DropReason::Io), 2);
+        assert!(s.failed.is_some());
+        // Space again (the file as it was): reopened, the stored records are all there.
+        std::fs::remove_file(&f).unwrap();
+        std::fs::write(&f, saved).unwrap();
+        drop(o);
+        let o = open(&dir, &OutboxConfig::default());
+        let all = o.read_after(0, 10, BIG).unwrap();
+        assert_eq!(seqs(&all), vec![1, 2]);
+        // The drops and the seq the failed append took were saved (the index still took a
+        // write): no seq is reused; the refused append took none.
+        assert_eq!(o.stats().class(Class::Event).dropped(DropReason::Io), 2);
+        assert_eq!(o.append(&[rec(Class::Event, "again")]).unwrap(), 4..5);
         o.verify().unwrap();
     }
 

@@ -1,7 +1,8 @@
 //! `edge-agent run` as a process producing telemetry for the fleet: predictions continue
 //! while the broker is down, the agent is killed with SIGKILL and restarted, the broker
 //! restarts mid-stream; every record reaches the fleet ingest exactly once, in order; with a
-//! small outbox cap, produced = delivered + counted drops, exactly.
+//! small outbox cap, produced = delivered + counted drops, exactly; a full disk under the
+//! outbox (writes failing with ENOSPC) never stops inference and is counted.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -455,4 +456,67 @@ fn feedback_by_prediction_id_updates_live_metrics() {
             >= 2
     }));
     agent.terminate(Duration::from_secs(10));
+}
+
+#[test]
+fn telemetry_a_full_disk_under_the_outbox_never_stops_inference() {
+    if !Path::new("/dev/full").exists() {
+        eprintln!(
+            "SKIPPED telemetry_a_full_disk_under_the_outbox_never_stops_inference: no /dev/full"
+        );
+        return;
+    }
+    let tmp = scratch();
+    let d = tmp.path();
+    setup(d);
+    let port = free_port();
+    // no broker: the records stay in the outbox
+    write_config(d, port, free_port(), 64 << 20);
+    let _agent = start_agent(d, port);
+    let segments = d.join("state/outbox/segments");
+    let files = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&segments)
+            .map(|r| r.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    };
+    // events, health samples and telemetry windows are being written
+    assert!(
+        wait_until(Duration::from_secs(20), || files().len() >= 3),
+        "segment files: {:?}",
+        files()
+    );
+    // the file system fills up: every write to the segment files fails with ENOSPC
+    for f in files() {
+        std::fs::remove_file(&f).unwrap();
+        std::os::unix::fs::symlink("/dev/full", &f).unwrap();
+    }
+    let load = start_load(port);
+    let failed_seen = wait_until(Duration::from_secs(20), || {
+        let o = &status(d)["telemetry"]["outbox"];
+        o["failed"].is_string()
+            && o["classes"]
+                .as_object()
+                .is_some_and(|c| c.values().any(|v| v["dropped"]["io"].as_u64() > Some(0)))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, failed) = load.stop();
+    let st = status(d);
+    assert!(failed_seen, "the outbox never reported the failure: {st}");
+    assert_eq!(failed, 0, "predictions failed while the disk was full");
+    assert!(ok > 100, "only {ok} predictions");
+    // still ready, and /metrics says what was dropped
+    assert_eq!(
+        http(port, "GET", "/v2/health/ready", &[], b"").unwrap().0,
+        200
+    );
+    let (code, metrics) = http(port, "GET", "/metrics", &[], b"").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("edge_agent_outbox_dropped_total{")
+                && l.contains("reason=\"io\"")
+                && !l.ends_with(" 0")),
+        "no io drops in /metrics"
+    );
 }
