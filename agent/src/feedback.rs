@@ -1883,6 +1883,43 @@ pub struct ItemOutcome {
     pub error: Option<String>,
 }
 
+/// Ids for `n` predictions: `<device>-<release>-<process start, ms, hex>-<counter, hex>`,
+/// unique on this device across restarts (the start time changes).
+pub fn prediction_ids(device: &str, release: u64, n: usize) -> Vec<String> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    });
+    let first = NEXT.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    (0..n as u64)
+        .map(|k| format!("{device}-{release}-{start:x}-{:x}", first + k))
+        .collect()
+}
+
+/// Gives the predictions `outputs` of version `l` for `rows` their ids and logs them, so that
+/// feedback can find them by id (HTTP `:predict` and MQTT inference); returns the ids.
+pub fn log_predictions(
+    feedback: &Feedback,
+    l: &crate::runtime::Loaded,
+    device: &str,
+    rows: &[Map<String, Value>],
+    outputs: &[Map<String, Value>],
+) -> Vec<String> {
+    let ids = prediction_ids(device, l.release, outputs.len());
+    let spec = &l.feedback_spec;
+    let preds = predictions_from_outputs(&spec.task, outputs);
+    let groups = spec.group_feature.as_deref().map(|g| {
+        let pos = l.manifest.schema.features.iter().position(|f| f.name == g);
+        group_values(rows, g, pos)
+    });
+    feedback.record(&ids, &l.feedback_key, &preds, groups.as_deref());
+    ids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,8 +8,8 @@
 //! prediction goes through [`crate::runtime::predict_with`], so health windows count HTTP
 //! traffic.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -1244,23 +1244,6 @@ struct V1Response<'a> {
     prediction_ids: Vec<String>,
 }
 
-/// Logs predictions so that feedback can find them by id.
-fn record_feedback(
-    feedback: &crate::feedback::Feedback,
-    l: &Loaded,
-    rows: &[Map<String, Value>],
-    outputs: &[Map<String, Value>],
-    ids: &[String],
-) {
-    let spec = &l.feedback_spec;
-    let preds = crate::feedback::predictions_from_outputs(&spec.task, outputs);
-    let groups = spec.group_feature.as_deref().map(|g| {
-        let pos = l.manifest.schema.features.iter().position(|f| f.name == g);
-        crate::feedback::group_values(rows, g, pos)
-    });
-    feedback.record(ids, &l.feedback_key, &preds, groups.as_deref());
-}
-
 fn v1_predict(
     loaded: Arc<Loaded>,
     body: &[u8],
@@ -1342,8 +1325,7 @@ fn v1_predict(
     let pred = predict_with(loaded, &rows, false).map_err(|e| ApiError::predict(e, Flavor::V1))?;
     registry.shadow(&name, &rows, &pred);
     let l = &pred.loaded;
-    let ids = prediction_ids(device, l.release, pred.outputs.len());
-    record_feedback(feedback, l, &rows, &pred.outputs, &ids);
+    let ids = crate::feedback::log_predictions(feedback, l, device, &rows, &pred.outputs);
     serde_json::to_vec(&V1Response {
         predictions: &pred.outputs,
         model: &l.name,
@@ -1415,23 +1397,6 @@ fn check_floats(model: &Model, row: usize, obj: &Map<String, Value>) -> Result<(
     Ok(())
 }
 
-/// Ids for `n` predictions: `<device>-<release>-<process start, ms, hex>-<counter, hex>`,
-/// unique on this device across restarts (the start time changes).
-fn prediction_ids(device: &str, release: u64, n: usize) -> Vec<String> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    static START: OnceLock<u64> = OnceLock::new();
-    let start = *START.get_or_init(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    });
-    let first = NEXT.fetch_add(n as u64, Ordering::Relaxed);
-    (0..n as u64)
-        .map(|k| format!("{device}-{release}-{start:x}-{:x}", first + k))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1462,7 +1427,7 @@ mod tests {
             decode_binary("label", "BYTES", &enc, 2).unwrap(),
             vec![json!("ok"), json!("scrap")]
         );
-        let ids = prediction_ids("box1", 3, 2);
+        let ids = crate::feedback::prediction_ids("box1", 3, 2);
         assert_eq!(ids.len(), 2);
         assert_ne!(ids[0], ids[1]);
         assert!(ids[0].starts_with("box1-3-"));

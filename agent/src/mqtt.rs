@@ -40,8 +40,22 @@ pub fn parse_url(url: &str) -> Option<(String, u16)> {
     shared::wire::parse_mqtt_url(url)
 }
 
-/// The reply to one input message: predictions, or an error naming the row and field.
-pub fn answer(registry: &Registry, route: &MqttRoute, payload: &[u8]) -> Value {
+/// Gives predictions their ids and logs them for feedback (see
+/// [`crate::feedback::log_predictions`]): (version, rows, outputs) -> ids.
+pub type PredictionLog = Arc<
+    dyn Fn(&crate::runtime::Loaded, &[Map<String, Value>], &[Map<String, Value>]) -> Vec<String>
+        + Send
+        + Sync,
+>;
+
+/// The reply to one input message: predictions with their ids (for feedback), or an error
+/// naming the row and field.
+pub fn answer(
+    registry: &Registry,
+    route: &MqttRoute,
+    log: &PredictionLog,
+    payload: &[u8],
+) -> Value {
     if payload.len() > MAX_MESSAGE_BYTES {
         return json!({"error": format!("message of {} bytes exceeds {MAX_MESSAGE_BYTES}", payload.len())});
     }
@@ -79,6 +93,7 @@ pub fn answer(registry: &Registry, route: &MqttRoute, payload: &[u8]) -> Value {
     }
     match registry.predict(&route.model, &rows, false) {
         Ok(p) => {
+            let ids = log(&p.loaded, &rows, &p.outputs);
             let mut v = json!({
                 "model": p.loaded.name,
                 "version": p.loaded.version,
@@ -86,8 +101,10 @@ pub fn answer(registry: &Registry, route: &MqttRoute, payload: &[u8]) -> Value {
             });
             if rows.len() == 1 && msg.get("instances").is_none() {
                 v["prediction"] = Value::Object(p.outputs.into_iter().next().unwrap_or_default());
+                v["prediction_id"] = ids.into_iter().next().map_or(Value::Null, Value::String);
             } else {
                 v["predictions"] = Value::Array(p.outputs.into_iter().map(Value::Object).collect());
+                v["prediction_ids"] = Value::Array(ids.into_iter().map(Value::String).collect());
             }
             if let Some(id) = id {
                 v["id"] = id;
@@ -120,6 +137,7 @@ pub async fn run(
     pool: Arc<crate::pool::ScoringPool>,
     counters: Arc<MqttCounters>,
     feedback: FeedbackHandler,
+    log: PredictionLog,
     token: CancellationToken,
 ) {
     let Some((host, port)) = parse_url(&cfg.url) else {
@@ -194,13 +212,14 @@ pub async fn run(
                     continue;
                 };
                 let (reg, client, counters) = (registry.clone(), client.clone(), counters.clone());
+                let log = log.clone();
                 let pool = pool.clone();
                 // inference off the event loop, on the scoring pool
                 tokio::spawn(async move {
                     let payload = p.payload.clone();
                     let r2 = route.clone();
                     let reply = pool
-                        .run(move || answer(&reg, &r2, &payload))
+                        .run(move || answer(&reg, &r2, &log, &payload))
                         .await
                         .unwrap_or_else(|e| json!({"error": e.to_string()}));
                     if reply.get("error").is_some() {

@@ -471,6 +471,20 @@ pub async fn run(
                 let st = state.clone();
                 Arc::new(move |body: &[u8]| crate::telemetry::receive_feedback(&st, body).1)
             },
+            {
+                let st = state.clone();
+                Arc::new(
+                    move |l: &crate::runtime::Loaded, rows: &[_], outputs: &[_]| {
+                        crate::feedback::log_predictions(
+                            &st.feedback,
+                            l,
+                            &st.device_id,
+                            rows,
+                            outputs,
+                        )
+                    },
+                )
+            },
             token.clone(),
         ));
     }

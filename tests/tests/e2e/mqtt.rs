@@ -147,7 +147,7 @@ fn predictions_over_mosquitto() {
     std::fs::write(
         d.join("agent.toml"),
         format!(
-            "state_dir = \"state\"\ntrust_root = \"root.pub\"\n[http]\nlisten = \"127.0.0.1:{}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{mport}\"\n[[mqtt.inference]]\nmodel = \"pdm-failure\"\ninput_topic = \"plant/line3/pdm/in\"\noutput_topic = \"plant/line3/pdm/out\"\nerror_topic = \"plant/line3/pdm/errors\"\n",
+            "state_dir = \"state\"\ntrust_root = \"root.pub\"\n[http]\nlisten = \"127.0.0.1:{}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{mport}\"\nfeedback_topic = \"plant/line3/pdm/feedback\"\n[[mqtt.inference]]\nmodel = \"pdm-failure\"\ninput_topic = \"plant/line3/pdm/in\"\noutput_topic = \"plant/line3/pdm/out\"\nerror_topic = \"plant/line3/pdm/errors\"\n",
             free_port()
         ),
     )
@@ -191,6 +191,20 @@ fn predictions_over_mosquitto() {
             "{got} vs {exp}"
         );
     }
+    // the prediction has an id, and ground truth sent for it on the feedback topic is applied
+    let id = reply["prediction_id"]
+        .as_str()
+        .expect("prediction_id")
+        .to_string();
+    let truth = serde_json::json!({"prediction_id": id, "label": want["label"]}).to_string();
+    let fb = roundtrip(
+        mport,
+        "plant/line3/pdm/feedback",
+        "plant/line3/pdm/feedback/results",
+        &truth,
+    );
+    assert_eq!(fb["status"], "applied", "{fb}");
+    assert_eq!(fb["prediction_id"], id.as_str(), "{fb}");
     // a bad field is answered on the error topic, naming it
     let mut bad = features.clone();
     bad.insert("torque_nm".into(), serde_json::json!("high"));
