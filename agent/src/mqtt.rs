@@ -129,6 +129,14 @@ fn jitter(base: Duration) -> Duration {
 /// Handles a feedback message: the response body to publish.
 pub type FeedbackHandler = Arc<dyn Fn(&[u8]) -> Value + Send + Sync>;
 
+/// What the MQTT task hands to the feedback loop: ground truth messages, and the predictions
+/// it makes (so that they can be labelled).
+#[derive(Clone)]
+pub struct FeedbackHooks {
+    pub receive: FeedbackHandler,
+    pub log: PredictionLog,
+}
+
 /// Runs the MQTT inference loop until `token` is cancelled.
 pub async fn run(
     cfg: Mqtt,
@@ -136,8 +144,7 @@ pub async fn run(
     registry: Arc<Registry>,
     pool: Arc<crate::pool::ScoringPool>,
     counters: Arc<MqttCounters>,
-    feedback: FeedbackHandler,
-    log: PredictionLog,
+    hooks: FeedbackHooks,
     token: CancellationToken,
 ) {
     let Some((host, port)) = parse_url(&cfg.url) else {
@@ -182,7 +189,7 @@ pub async fn run(
                     client.clone(),
                     counters.clone(),
                     pool.clone(),
-                    feedback.clone(),
+                    hooks.receive.clone(),
                 );
                 let topic = format!("{}/results", p.topic);
                 tokio::spawn(async move {
@@ -212,7 +219,7 @@ pub async fn run(
                     continue;
                 };
                 let (reg, client, counters) = (registry.clone(), client.clone(), counters.clone());
-                let log = log.clone();
+                let log = hooks.log.clone();
                 let pool = pool.clone();
                 // inference off the event loop, on the scoring pool
                 tokio::spawn(async move {

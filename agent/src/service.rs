@@ -467,24 +467,7 @@ pub async fn run(
             registry.clone(),
             state.pool.clone(),
             state.mqtt.clone(),
-            {
-                let st = state.clone();
-                Arc::new(move |body: &[u8]| crate::telemetry::receive_feedback(&st, body).1)
-            },
-            {
-                let st = state.clone();
-                Arc::new(
-                    move |l: &crate::runtime::Loaded, rows: &[_], outputs: &[_]| {
-                        crate::feedback::log_predictions(
-                            &st.feedback,
-                            l,
-                            &st.device_id,
-                            rows,
-                            outputs,
-                        )
-                    },
-                )
-            },
+            mqtt_feedback_hooks(&state),
             token.clone(),
         ));
     }
@@ -671,4 +654,17 @@ async fn admin_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) -> std::io::R
     };
     w.write_all(format!("{resp}\n").as_bytes()).await?;
     Ok(())
+}
+
+/// The MQTT task's links to the feedback loop: ground truth from the feedback topic, and the
+/// ids and log of the predictions it makes.
+fn mqtt_feedback_hooks(state: &Arc<AppState>) -> crate::mqtt::FeedbackHooks {
+    let st = state.clone();
+    let receive: crate::mqtt::FeedbackHandler =
+        Arc::new(move |body: &[u8]| crate::telemetry::receive_feedback(&st, body).1);
+    let st = state.clone();
+    let log: crate::mqtt::PredictionLog = Arc::new(move |l, rows, outputs| {
+        crate::feedback::log_predictions(&st.feedback, l, &st.device_id, rows, outputs)
+    });
+    crate::mqtt::FeedbackHooks { receive, log }
 }
