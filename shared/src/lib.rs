@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod directive;
 pub mod drift;
 pub mod engine;
 pub mod metrics;
