@@ -148,12 +148,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         started_at_ms: 0,
         sent_at_ms: 0,
     });
+    let events: edge_agent::command::EventFn = Arc::new(|_: &str, _| {});
+    let commands = edge_agent::command::Commands::open(
+        "bench",
+        &[],
+        std::path::Path::new(outbox.path()),
+        events,
+    )
+    .map_err(|e| e.to_string())?;
+    let hooks = sync::SyncHooks {
+        status,
+        commands: Arc::new(commands),
+    };
     let t = Instant::now();
     let sync_task = rt.spawn(sync::run(
         cfg.clone(),
         "bench".into(),
         outbox.clone(),
-        status,
+        hooks,
         counters.clone(),
         Arc::new(Notify::new()),
         stop.clone(),

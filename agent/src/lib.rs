@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod command;
 pub mod config;
 pub mod feedback;
 pub mod http;

@@ -521,11 +521,32 @@ pub async fn run(
         let st = state.clone();
         let status: Arc<dyn Fn() -> shared::wire::Birth + Send + Sync> =
             Arc::new(move || crate::telemetry::birth(&st.device_id, &st.registry));
+        let st = state.clone();
+        let events: crate::command::EventFn = Arc::new(move |name: &str, detail| {
+            st.telemetry.event("", name, detail);
+        });
+        let commands = match crate::command::Commands::open(
+            &state.device_id,
+            &sync.directive_keys,
+            &config.state_dir,
+            events.clone(),
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                // telemetry still flows; directives are refused until this is fixed
+                tracing::error!(error = %e, "fleet directives disabled");
+                crate::command::Commands::disabled(&state.device_id, e.to_string(), events)
+            }
+        };
+        let hooks = crate::sync::SyncHooks {
+            status,
+            commands: Arc::new(commands),
+        };
         let (counters, wake, token) = (state.sync.clone(), telemetry.wake.clone(), token.clone());
         let device = state.device_id.clone();
         tasks.spawn(async move {
             if let Err(e) =
-                crate::sync::run(sync, device, outbox, status, counters, wake, token).await
+                crate::sync::run(sync, device, outbox, hooks, counters, wake, token).await
             {
                 tracing::error!(error = %e, "sync stopped");
             }

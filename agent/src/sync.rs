@@ -67,6 +67,9 @@ pub struct SyncConfig {
     pub ack_timeout_ms: u64,
     /// Topic prefix; topics are `<prefix>/<device>/{status,records,ack,commands,replies}`.
     pub topic_prefix: String,
+    /// Public key files (`.pub`) of the fleet's directive keys: signed directives on the
+    /// commands topic must carry a signature by one of them (none: directives are refused).
+    pub directive_keys: Vec<PathBuf>,
 }
 
 impl Default for SyncConfig {
@@ -89,6 +92,7 @@ impl Default for SyncConfig {
             window: 8,
             ack_timeout_ms: 15_000,
             topic_prefix: "edge/v1".into(),
+            directive_keys: Vec::new(),
         }
     }
 }
@@ -493,6 +497,14 @@ struct Link {
     changed: Notify,
 }
 
+/// What the sync asks of the rest of the agent: the birth message (models and versions
+/// running now), and the answers to the fleet's commands.
+#[derive(Clone)]
+pub struct SyncHooks {
+    pub status: Arc<dyn Fn() -> wire::Birth + Send + Sync>,
+    pub commands: Arc<crate::command::Commands>,
+}
+
 /// Runs the sync until `shutdown`: connects (failing over across `cfg.urls`), publishes the
 /// outbox and applies the fleet's acks; on shutdown publishes the death message and
 /// disconnects. `wake` is notified by whoever appends to the outbox.
@@ -500,7 +512,7 @@ pub async fn run(
     cfg: SyncConfig,
     device_id: String,
     outbox: Outbox,
-    status: Arc<dyn Fn() -> wire::Birth + Send + Sync>,
+    hooks: SyncHooks,
     counters: Arc<SyncCounters>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
@@ -604,7 +616,7 @@ pub async fn run(
                         tracing::warn!(topic = %t, "sync: subscribe request dropped (queue full)");
                     }
                 }
-                let mut birth = status();
+                let mut birth = (hooks.status)();
                 birth.v = wire::VERSION;
                 birth.device = device_id.clone();
                 birth.sent_at_ms = now_ms();
@@ -642,16 +654,32 @@ pub async fn run(
                     }
                 } else if p.topic == topics.commands {
                     SyncCounters::bump(&counters.commands);
-                    let reply = answer_command(&p.payload);
-                    if !reply.ok {
-                        SyncCounters::bump(&counters.commands_refused);
-                    }
-                    let _ = client.try_publish(
-                        topics.replies.clone(),
-                        QoS::AtLeastOnce,
-                        false,
-                        wire::to_json(&reply),
-                    );
+                    // verifying a directive saves its counter (an fsync): off the event loop
+                    let (commands, counters, client) =
+                        (hooks.commands.clone(), counters.clone(), client.clone());
+                    let replies = topics.replies.clone();
+                    tokio::spawn(async move {
+                        let payload = p.payload;
+                        let reply = tokio::task::spawn_blocking(move || {
+                            commands.answer(&payload, now_ms())
+                        })
+                        .await
+                        .unwrap_or_else(|_| wire::CommandReply {
+                            v: wire::VERSION,
+                            id: String::new(),
+                            ok: false,
+                            error: Some("the command handler failed".into()),
+                        });
+                        if !reply.ok {
+                            SyncCounters::bump(&counters.commands_refused);
+                        }
+                        let _ = client.try_publish(
+                            replies,
+                            QoS::AtLeastOnce,
+                            false,
+                            wire::to_json(&reply),
+                        );
+                    });
                 }
             }
             Ok(_) => {}
@@ -726,39 +754,6 @@ fn describe_error(e: &rumqttc::ConnectionError) -> String {
         ""
     };
     format!("TLS: {s}{hint}")
-}
-
-/// The reply to a command: ping is answered; install and rollback are not implemented by
-/// this agent yet (refused); unknown or malformed commands are refused, naming the problem.
-pub fn answer_command(payload: &[u8]) -> wire::CommandReply {
-    let id = serde_json::from_slice::<serde_json::Value>(payload)
-        .ok()
-        .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string))
-        .unwrap_or_default();
-    let refuse = |id: String, error: String| wire::CommandReply {
-        v: wire::VERSION,
-        id,
-        ok: false,
-        error: Some(error),
-    };
-    match wire::parse_command(payload) {
-        Ok(c) => match c.body {
-            wire::CommandBody::Ping => wire::CommandReply {
-                v: wire::VERSION,
-                id: c.id,
-                ok: true,
-                error: None,
-            },
-            other => refuse(
-                c.id,
-                format!(
-                    "command {:?} is not supported by this agent yet",
-                    other.name()
-                ),
-            ),
-        },
-        Err(e) => refuse(id, e.to_string()),
-    }
 }
 
 /// A batch ready to publish.
@@ -1137,19 +1132,6 @@ mod tests {
             ..SyncConfig::default()
         };
         assert_eq!(cfg.password_text().unwrap().as_deref(), Some("s3cret"));
-    }
-
-    #[test]
-    fn commands_are_answered_or_refused() {
-        let r = answer_command(br#"{"v":1,"id":"p1","cmd":"ping"}"#);
-        assert!(r.ok && r.id == "p1");
-        let r = answer_command(br#"{"v":1,"id":"x1","cmd":"format-disk"}"#);
-        assert!(!r.ok && r.id == "x1");
-        assert!(r.error.unwrap().contains("format-disk"));
-        let r = answer_command(br#"{"v":1,"id":"r1","cmd":"rollback","model":"m"}"#);
-        assert!(!r.ok && r.error.unwrap().contains("not supported"));
-        let r = answer_command(b"garbage");
-        assert!(!r.ok && r.id.is_empty());
     }
 
     #[test]

@@ -54,6 +54,20 @@ fn start_agent(
     device: &str,
     outbox: &Outbox,
 ) -> Agent {
+    let events: edge_agent::command::EventFn = Arc::new(|_: &str, _| {});
+    // no directive keys: directives are refused, nothing is written
+    let commands =
+        edge_agent::command::Commands::open(device, &[], Path::new(outbox.path()), events).unwrap();
+    start_agent_with(rt, cfg, device, outbox, commands)
+}
+
+fn start_agent_with(
+    rt: &tokio::runtime::Runtime,
+    cfg: SyncConfig,
+    device: &str,
+    outbox: &Outbox,
+    commands: edge_agent::command::Commands,
+) -> Agent {
     let stop = CancellationToken::new();
     let counters = Arc::new(SyncCounters::default());
     let wake = Arc::new(Notify::new());
@@ -66,11 +80,15 @@ fn start_agent(
         started_at_ms: 1,
         sent_at_ms: 0,
     });
+    let hooks = sync::SyncHooks {
+        status,
+        commands: Arc::new(commands),
+    };
     let task = rt.spawn(sync::run(
         cfg,
         device.to_string(),
         outbox.clone(),
-        status,
+        hooks,
         counters.clone(),
         wake.clone(),
         stop.clone(),
@@ -702,4 +720,121 @@ fn sync_a_quarantined_outbox_starts_a_new_epoch_the_fleet_stores() {
     );
     assert_no_unaccounted_skip(&fleet);
     fleet.stop(&rt);
+}
+
+#[test]
+fn sync_signed_directives_replayed_expired_and_other_device_are_refused() {
+    use shared::directive::{Action, Directive, DirectiveSigner};
+    if !mosquitto_or_skip("sync tests") {
+        return;
+    }
+    let rt = runtime();
+    let tmp = scratch();
+    let broker = Mosquitto::start(tmp.path());
+    let dev = "press-d";
+    // the fleet's directive key; the device trusts its public half
+    let key = shared::trust::SecretKey::from_seed([42u8; 32]);
+    let pub_file = tmp.path().join("fleet-directive.pub");
+    std::fs::write(&pub_file, key.public().to_file_bytes()).unwrap();
+    let signer = DirectiveSigner::new(key);
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (outbox, _) = Outbox::open(&state.join("outbox"), &OutboxConfig::default()).unwrap();
+    let events = Arc::new(std::sync::Mutex::new(
+        Vec::<(String, serde_json::Value)>::new(),
+    ));
+    let ev = events.clone();
+    let on_event: edge_agent::command::EventFn = Arc::new(move |name: &str, detail| {
+        ev.lock().unwrap().push((name.to_string(), detail));
+    });
+    let commands =
+        edge_agent::command::Commands::open(dev, std::slice::from_ref(&pub_file), &state, on_event)
+            .unwrap();
+    let agent = start_agent_with(&rt, sync_cfg(vec![broker.url()]), dev, &outbox, commands);
+    assert!(wait_until(Duration::from_secs(20), || {
+        agent.counters.connected.load(Ordering::Relaxed) == 1
+    }));
+    let now = edge_agent::outbox::now_ms();
+    let sign = |device: &str, counter: u64, issued: u64| {
+        let d = Directive::new(
+            device,
+            counter,
+            format!("d-{counter}"),
+            issued,
+            60_000,
+            Action::Ping {},
+        );
+        String::from_utf8(signer.sign_payload(&d).unwrap()).unwrap()
+    };
+    let port = broker.port.to_string();
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            &format!("edge/v1/{dev}/replies"),
+            "-C",
+            "4",
+            "-W",
+            "30",
+            "-q",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let payloads = [
+        sign(dev, 10, now),             // accepted
+        sign(dev, 10, now),             // replayed
+        sign(dev, 11, now - 3_600_000), // expired an hour ago
+        sign("press-other", 12, now),   // another device's
+    ];
+    for p in &payloads {
+        let st = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-t",
+                &format!("edge/v1/{dev}/commands"),
+                "-q",
+                "1",
+                "-m",
+                p,
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        // one at a time: replies come back in order
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = sub.wait_with_output().unwrap();
+    let replies: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(replies.len(), 4, "{replies:?}");
+    assert_eq!(replies[0]["ok"], true, "{replies:?}");
+    assert_eq!(replies[0]["id"], "d-10");
+    for r in &replies[1..] {
+        assert_eq!(r["ok"], false, "{r}");
+    }
+    let reasons: Vec<String> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(n, _)| n == "directive_rejected")
+        .map(|(_, d)| d["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(reasons, ["replayed", "expired", "other_device"]);
+    // the accepted counter is on disk
+    let counter: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("directive-counter.json")).unwrap())
+            .unwrap();
+    assert_eq!(counter["last"], 10);
+    agent.stop(&rt);
 }
