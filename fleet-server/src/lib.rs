@@ -2,5 +2,6 @@
 //! the server itself comes with the fleet issues.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod ctl;
 pub mod ingest;
