@@ -1,7 +1,9 @@
-//! The `fleet-server` library: today the `fleetctl` commands (keys, keyrings, bundles);
-//! the server itself comes with the fleet issues.
+//! The `fleet-server` library: the `fleetctl` commands (keys, keyrings, bundles), the
+//! server (`fleet-server run`: embedded broker, ingest, admin API), the ingest of device
+//! records and the audit log.
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod ctl;
 pub mod ingest;
+pub mod server;

@@ -2,6 +2,8 @@
 
 #[path = "e2e/candidates.rs"]
 mod candidates;
+#[path = "e2e/fleet.rs"]
+mod fleet;
 #[path = "e2e/fleetctl.rs"]
 mod fleetctl;
 #[path = "e2e/health.rs"]
