@@ -21,7 +21,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
 use shared::engine::json_kind;
 use shared::engine::{ElemType, Model};
 
@@ -297,26 +296,15 @@ fn authorize(tokens: &[Token], headers: &HeaderMap, scope: Option<&str>) -> Resu
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.trim().split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then(|| token.trim())
-                .filter(|t| !t.is_empty())
-        });
+        .and_then(shared::auth::bearer);
     let Some(presented) = presented else {
         return Err(unauthorized(
             "authentication required: send Authorization: Bearer <token>",
             "Bearer realm=\"edge-agent\"",
         ));
     };
-    let hash = shared::trust::hex(&Sha256::digest(presented.as_bytes()));
-    let mut found: Option<&Token> = None;
-    for t in tokens {
-        if ct_eq(hash.as_bytes(), t.sha256.to_ascii_lowercase().as_bytes()) && found.is_none() {
-            found = Some(t);
-        }
-    }
+    let found = shared::auth::find(presented, tokens.iter().map(|t| t.sha256.as_str()))
+        .and_then(|i| tokens.get(i));
     let Some(token) = found else {
         return Err(unauthorized(
             "invalid bearer token",
@@ -337,11 +325,6 @@ fn authorize(tokens: &[Token], headers: &HeaderMap, scope: Option<&str>) -> Resu
         }
     }
     Ok(())
-}
-
-/// Equality of two byte strings in time independent of where they differ.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1403,9 +1386,9 @@ mod tests {
 
     #[test]
     fn constant_time_compare_and_binary_codec() {
-        assert!(ct_eq(b"abc", b"abc"));
-        assert!(!ct_eq(b"abc", b"abd"));
-        assert!(!ct_eq(b"abc", b"ab"));
+        assert!(shared::auth::ct_eq(b"abc", b"abc"));
+        assert!(!shared::auth::ct_eq(b"abc", b"abd"));
+        assert!(!shared::auth::ct_eq(b"abc", b"ab"));
         let mut bytes = Vec::new();
         for x in [1.5f32, -2.0] {
             bytes.extend(x.to_le_bytes());

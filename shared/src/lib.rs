@@ -2,6 +2,7 @@
 //! (tract-onnx plus the project's own `ai.onnx.ml` operators).
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod bundle;
 pub mod directive;
 pub mod drift;

@@ -11,7 +11,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use sha2::{Digest, Sha256};
 
 use super::config::{Token, ROLES};
 use crate::ingest::IngestCounters;
@@ -104,26 +103,15 @@ pub fn authorize<'t>(
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.trim().split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then(|| token.trim())
-                .filter(|t| !t.is_empty())
-        });
+        .and_then(shared::auth::bearer);
     let Some(presented) = presented else {
         return Err(unauthorized(
             "authentication required: send Authorization: Bearer <token>",
             "Bearer realm=\"fleet-server\"",
         ));
     };
-    let hash = shared::trust::hex(&Sha256::digest(presented.as_bytes()));
-    let mut found: Option<&Token> = None;
-    for t in tokens {
-        if ct_eq(hash.as_bytes(), t.sha256.to_ascii_lowercase().as_bytes()) && found.is_none() {
-            found = Some(t);
-        }
-    }
+    let found = shared::auth::find(presented, tokens.iter().map(|t| t.sha256.as_str()))
+        .and_then(|i| tokens.get(i));
     let Some(token) = found else {
         return Err(unauthorized(
             "invalid bearer token",
@@ -145,11 +133,6 @@ pub fn authorize<'t>(
         return Err(e);
     }
     Ok(token)
-}
-
-/// Equality of two byte strings in time independent of where they differ.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn health() -> Response {
@@ -283,7 +266,7 @@ mod tests {
     fn token(name: &str, secret: &str, role: &str) -> Token {
         Token {
             name: name.into(),
-            sha256: shared::trust::hex(&Sha256::digest(secret.as_bytes())),
+            sha256: shared::auth::token_sha256(secret),
             role: role.into(),
         }
     }
