@@ -100,6 +100,8 @@ pub fn run_service(config_path: Option<&Path>, overrides: &crate::config::Overri
         }
     };
     rt.block_on(async move {
+        // before anything is served: a SIGTERM from now on drains and exits 0
+        let shutdown = shutdown_signal();
         let listener = match tokio::net::TcpListener::bind(&cfg.http.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -107,7 +109,7 @@ pub fn run_service(config_path: Option<&Path>, overrides: &crate::config::Overri
                 return EXIT_USAGE;
             }
         };
-        match crate::service::run(cfg, listener, shutdown_signal()).await {
+        match crate::service::run(cfg, listener, shutdown).await {
             Ok(()) => 0,
             Err(crate::service::ServiceError::Store(e)) => {
                 eprintln!("edge-agent: {e}");
@@ -121,15 +123,22 @@ pub fn run_service(config_path: Option<&Path>, overrides: &crate::config::Overri
     })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when
+/// the future is first polled: a SIGTERM that arrives while the service starts is not lost
+/// to the default action (which would kill the process without draining). Call it inside
+/// the runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    {
+    let signals = {
         use tokio::signal::unix::{signal, SignalKind};
-        match (
+        (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) {
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        match signals {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -140,10 +149,10 @@ pub async fn shutdown_signal() {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

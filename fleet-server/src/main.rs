@@ -126,6 +126,8 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     rt.block_on(async move {
+        // before anything is served: a SIGTERM from now on stops the server cleanly
+        let signal = shutdown_signal();
         let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
             .await
             .with_context(|| {
@@ -137,7 +139,7 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         let on_signal = shutdown.clone();
         tokio::spawn(async move {
-            shutdown_signal().await;
+            signal.await;
             on_signal.cancel();
         });
         // ServerError's message already names its cause: no repeated chain
@@ -148,15 +150,22 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
     })
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when
+/// the future is first polled: a SIGTERM that arrives while the service starts is not lost
+/// to the default action (which would kill the process without draining). Call it inside
+/// the runtime.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    {
+    let signals = {
         use tokio::signal::unix::{signal, SignalKind};
-        match (
+        (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) {
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        match signals {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -167,9 +176,9 @@ async fn shutdown_signal() {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
