@@ -288,29 +288,16 @@ async fn guard(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Resp
 /// Checks the request's bearer token against the configured hashes (every hash compared in
 /// constant time) and that it carries `scope`.
 fn authorize(tokens: &[Token], headers: &HeaderMap, scope: Option<&str>) -> Result<(), ApiError> {
-    let unauthorized = |message: &str, challenge: &str| {
-        let mut e = ApiError::new(StatusCode::UNAUTHORIZED, message);
-        e.challenge = Some(challenge.to_string());
-        e
-    };
-    let presented = headers
+    let header = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(shared::auth::bearer);
-    let Some(presented) = presented else {
-        return Err(unauthorized(
-            "authentication required: send Authorization: Bearer <token>",
-            "Bearer realm=\"edge-agent\"",
-        ));
-    };
-    let found = shared::auth::find(presented, tokens.iter().map(|t| t.sha256.as_str()))
-        .and_then(|i| tokens.get(i));
-    let Some(token) = found else {
-        return Err(unauthorized(
-            "invalid bearer token",
-            "Bearer realm=\"edge-agent\", error=\"invalid_token\"",
-        ));
-    };
+        .and_then(|v| v.to_str().ok());
+    let token = shared::auth::authenticate(header, tokens.iter().map(|t| t.sha256.as_str()))
+        .and_then(|i| tokens.get(i).ok_or(shared::auth::AuthFailure::Invalid))
+        .map_err(|failure| {
+            let mut e = ApiError::new(StatusCode::UNAUTHORIZED, failure.message());
+            e.challenge = Some(failure.challenge("edge-agent"));
+            e
+        })?;
     if let Some(scope) = scope {
         if !token.scopes.iter().any(|s| s == scope) {
             tracing::info!(token = %token.name, scope, "request refused: missing scope");

@@ -497,6 +497,9 @@ struct Link {
     changed: Notify,
 }
 
+/// Most commands being answered at once; more are dropped and counted as refused.
+const COMMANDS_IN_FLIGHT: usize = 16;
+
 /// What the sync asks of the rest of the agent: the birth message (models and versions
 /// running now), and the answers to the fleet's commands.
 #[derive(Clone)]
@@ -571,6 +574,7 @@ pub async fn run(
 
     // acks for another outbox epoch (sent before this outbox was recreated) are ignored
     let epoch = outbox.epoch();
+    let commands_in_flight = Arc::new(tokio::sync::Semaphore::new(COMMANDS_IN_FLIGHT));
     let link = Arc::new(Link {
         generation: AtomicU64::new(0),
         acked: AtomicU64::new(0),
@@ -654,11 +658,18 @@ pub async fn run(
                     }
                 } else if p.topic == topics.commands {
                     SyncCounters::bump(&counters.commands);
-                    // verifying a directive saves its counter (an fsync): off the event loop
+                    // verifying a directive saves its counter (an fsync): off the event loop,
+                    // at most COMMANDS_IN_FLIGHT at once (a flood is refused, not queued)
+                    let Ok(permit) = commands_in_flight.clone().try_acquire_owned() else {
+                        SyncCounters::bump(&counters.commands_refused);
+                        tracing::warn!("sync: command dropped: {COMMANDS_IN_FLIGHT} in flight");
+                        continue;
+                    };
                     let (commands, counters, client) =
                         (hooks.commands.clone(), counters.clone(), client.clone());
                     let replies = topics.replies.clone();
                     tokio::spawn(async move {
+                        let _permit = permit;
                         let payload = p.payload;
                         let reply = tokio::task::spawn_blocking(move || {
                             commands.answer(&payload, now_ms())

@@ -33,6 +33,42 @@ pub fn find<'a>(presented: &str, hashes: impl IntoIterator<Item = &'a str>) -> O
     found
 }
 
+/// Why a request was not authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No `Authorization: Bearer` header.
+    Missing,
+    /// A bearer token that matches no configured hash.
+    Invalid,
+}
+
+impl AuthFailure {
+    /// The message of the 401 answer.
+    pub fn message(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "authentication required: send Authorization: Bearer <token>",
+            AuthFailure::Invalid => "invalid bearer token",
+        }
+    }
+
+    /// The `WWW-Authenticate` value of the 401 answer (RFC 6750).
+    pub fn challenge(self, realm: &str) -> String {
+        match self {
+            AuthFailure::Missing => format!("Bearer realm=\"{realm}\""),
+            AuthFailure::Invalid => format!("Bearer realm=\"{realm}\", error=\"invalid_token\""),
+        }
+    }
+}
+
+/// The position among `hashes` of the token an `Authorization` header value presents.
+pub fn authenticate<'a>(
+    header: Option<&str>,
+    hashes: impl IntoIterator<Item = &'a str>,
+) -> Result<usize, AuthFailure> {
+    let presented = header.and_then(bearer).ok_or(AuthFailure::Missing)?;
+    find(presented, hashes).ok_or(AuthFailure::Invalid)
+}
+
 /// Byte equality whose time depends only on the lengths.
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -56,6 +92,15 @@ mod tests {
         assert_eq!(find("s3cret", [other.as_str(), upper.as_str()]), Some(1));
         assert_eq!(find("s3cret", [other.as_str()]), None);
         assert_eq!(find("other", [other.as_str(), h.as_str()]), Some(0));
+        assert_eq!(authenticate(None, [h.as_str()]), Err(AuthFailure::Missing));
+        assert_eq!(
+            authenticate(Some("Bearer nope"), [h.as_str()]),
+            Err(AuthFailure::Invalid)
+        );
+        assert_eq!(authenticate(Some("Bearer s3cret"), [h.as_str()]), Ok(0));
+        assert!(AuthFailure::Invalid
+            .challenge("x")
+            .contains("invalid_token"));
         assert!(ct_eq(b"abc", b"abc"));
         assert!(!ct_eq(b"abc", b"abd"));
         assert!(!ct_eq(b"abc", b"ab"));

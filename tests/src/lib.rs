@@ -332,3 +332,30 @@ impl Mosquitto {
         }
     }
 }
+
+/// In `d`: a root key (`root.key`/`root.pub`), the example model signed as `pdm-failure`
+/// release 1 (`b1.bundle`) and installed into `d/state`, as an agent run with
+/// `state_dir = "state"` and `trust_root = "root.pub"` expects.
+pub fn install_example_agent(d: &Path) {
+    run_ok(d, "fleetctl", &["keygen", "--out", "root"]);
+    build_bundle(
+        d,
+        &pdm().join("model.onnx"),
+        "pdm-failure",
+        "1",
+        "b1.bundle",
+    );
+    run_ok(
+        d,
+        "edge-agent",
+        &[
+            "bundle",
+            "install",
+            "b1.bundle",
+            "--state-dir",
+            "state",
+            "--trust-root",
+            "root.pub",
+        ],
+    );
+}

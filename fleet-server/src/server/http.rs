@@ -95,29 +95,16 @@ pub fn authorize<'t>(
     headers: &HeaderMap,
     needed: &str,
 ) -> Result<&'t Token, ApiError> {
-    let unauthorized = |message: &str, challenge: &str| {
-        let mut e = ApiError::new(StatusCode::UNAUTHORIZED, message);
-        e.challenge = Some(challenge.to_string());
-        e
-    };
-    let presented = headers
+    let header = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(shared::auth::bearer);
-    let Some(presented) = presented else {
-        return Err(unauthorized(
-            "authentication required: send Authorization: Bearer <token>",
-            "Bearer realm=\"fleet-server\"",
-        ));
-    };
-    let found = shared::auth::find(presented, tokens.iter().map(|t| t.sha256.as_str()))
-        .and_then(|i| tokens.get(i));
-    let Some(token) = found else {
-        return Err(unauthorized(
-            "invalid bearer token",
-            "Bearer realm=\"fleet-server\", error=\"invalid_token\"",
-        ));
-    };
+        .and_then(|v| v.to_str().ok());
+    let token = shared::auth::authenticate(header, tokens.iter().map(|t| t.sha256.as_str()))
+        .and_then(|i| tokens.get(i).ok_or(shared::auth::AuthFailure::Invalid))
+        .map_err(|failure| {
+            let mut e = ApiError::new(StatusCode::UNAUTHORIZED, failure.message());
+            e.challenge = Some(failure.challenge("fleet-server"));
+            e
+        })?;
     let enough =
         matches!((rank(&token.role), rank(needed)), (Some(have), Some(need)) if have >= need);
     if !enough {

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use e2e_tests::{
-    bin, build_bundle, free_port, http, pdm, root, run_ok, scratch, wait_until, ChildGuard,
+    bin, free_port, http, install_example_agent, root, scratch, wait_until, ChildGuard,
 };
 use fleet_server::ingest::FileStore;
 use serde_json::Value;
@@ -157,27 +157,7 @@ fn an_agent_delivers_records_through_the_embedded_broker() {
     let tmp = scratch();
     let d = tmp.path();
     // the agent with the example model, as in the telemetry tests
-    run_ok(d, "fleetctl", &["keygen", "--out", "root"]);
-    build_bundle(
-        d,
-        &pdm().join("model.onnx"),
-        "pdm-failure",
-        "1",
-        "b1.bundle",
-    );
-    run_ok(
-        d,
-        "edge-agent",
-        &[
-            "bundle",
-            "install",
-            "b1.bundle",
-            "--state-dir",
-            "state",
-            "--trust-root",
-            "root.pub",
-        ],
-    );
+    install_example_agent(d);
     let (fleet_port, broker, agent_port) = (free_port(), free_port(), free_port());
     let mut fleet = start_fleet(d, fleet_port, broker);
     std::fs::write(

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use e2e_tests::{
-    bin, build_bundle, free_port, http, mosquitto_or_skip, pdm, run_ok, scratch, wait_until,
+    bin, free_port, http, install_example_agent, mosquitto_or_skip, scratch, wait_until,
     ChildGuard, Mosquitto,
 };
 use fleet_server::ingest::{self, FileStore, IngestConfig, IngestCounters};
@@ -160,30 +160,6 @@ impl Fleet {
     }
 }
 
-fn setup(d: &Path) {
-    run_ok(d, "fleetctl", &["keygen", "--out", "root"]);
-    build_bundle(
-        d,
-        &pdm().join("model.onnx"),
-        "pdm-failure",
-        "1",
-        "b1.bundle",
-    );
-    run_ok(
-        d,
-        "edge-agent",
-        &[
-            "bundle",
-            "install",
-            "b1.bundle",
-            "--state-dir",
-            "state",
-            "--trust-root",
-            "root.pub",
-        ],
-    );
-}
-
 /// Waits until the agent's outbox has nothing pending and the fleet stored its last seq.
 fn wait_drained(d: &Path, fleet_dir: &Path) -> (Value, ingest::DeviceState) {
     let mut last = (Value::Null, None);
@@ -227,7 +203,7 @@ fn telemetry_outage_kill9_and_broker_restart_deliver_exactly_once() {
     }
     let tmp = scratch();
     let d = tmp.path();
-    setup(d);
+    install_example_agent(d);
     let mut broker = Mosquitto::start(d);
     let broker_port = broker.port;
     let fleet_dir = d.join("fleet");
@@ -308,7 +284,7 @@ fn telemetry_small_cap_produced_equals_delivered_plus_drops() {
     }
     let tmp = scratch();
     let d = tmp.path();
-    setup(d);
+    install_example_agent(d);
     // the broker is absent at first: records pile up against a 64 KiB cap
     let broker_port = free_port();
     let port = free_port();
@@ -362,7 +338,7 @@ fn telemetry_small_cap_produced_equals_delivered_plus_drops() {
 fn feedback_by_prediction_id_updates_live_metrics() {
     let tmp = scratch();
     let d = tmp.path();
-    setup(d);
+    install_example_agent(d);
     let port = free_port();
     // no broker configured at all: records wait in the outbox
     write_config(d, port, free_port(), 256 * 1024 * 1024);
@@ -468,7 +444,7 @@ fn telemetry_a_full_disk_under_the_outbox_never_stops_inference() {
     }
     let tmp = scratch();
     let d = tmp.path();
-    setup(d);
+    install_example_agent(d);
     let port = free_port();
     // no broker: the records stay in the outbox
     write_config(d, port, free_port(), 64 << 20);
