@@ -134,6 +134,7 @@ pub fn birth(device: &str, registry: &crate::runtime::Registry) -> shared::wire:
             version: l.version.clone(),
             release: Some(l.release),
             role: "active".into(),
+            phase: None,
         })
         .collect();
     for c in registry.candidates() {
@@ -145,6 +146,7 @@ pub fn birth(device: &str, registry: &crate::runtime::Registry) -> shared::wire:
                 crate::runtime::CandidateMode::Shadow => "shadow".into(),
                 crate::runtime::CandidateMode::Split(_) => "split".into(),
             },
+            phase: None,
         });
     }
     shared::wire::Birth {
@@ -154,6 +156,7 @@ pub fn birth(device: &str, registry: &crate::runtime::Registry) -> shared::wire:
         models,
         started_at_ms: started_at_ms(),
         sent_at_ms: 0,
+        tags: Default::default(),
     }
 }
 

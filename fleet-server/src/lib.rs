@@ -7,3 +7,4 @@ pub mod audit;
 pub mod ctl;
 pub mod ingest;
 pub mod server;
+pub mod store;

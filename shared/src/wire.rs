@@ -120,6 +120,10 @@ pub struct ModelVersion {
     /// `active`, `shadow` or `split` (the role the version serves).
     #[serde(default = "default_role")]
     pub role: String,
+    /// `health_window` (activated, being watched) or `committed` (passed its health window);
+    /// absent from agents older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
 }
 
 fn default_role() -> String {
@@ -138,6 +142,10 @@ pub struct Birth {
     /// When this birth was published (Unix milliseconds).
     #[serde(default)]
     pub sent_at_ms: u64,
+    /// The device's tags from its configuration (`site`, `line`, `hardware`, ...): rollouts
+    /// target devices by them. Keys and values: 1..=64 bytes of `A-Z a-z 0-9 . _ -`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 /// Death: the MQTT last will (`reason: "connection-lost"`, set when connecting) and the
@@ -699,9 +707,11 @@ mod tests {
                 version: "1.0.0".into(),
                 release: Some(1),
                 role: "active".into(),
+                phase: None,
             }],
             started_at_ms: 5,
             sent_at_ms: 6,
+            tags: [("site".to_string(), "plant-a".to_string())].into(),
         });
         let json = to_json(&birth);
         assert!(String::from_utf8_lossy(&json).contains(r#""state":"online""#));

@@ -79,6 +79,7 @@ fn start_agent_with(
         models: vec![],
         started_at_ms: 1,
         sent_at_ms: 0,
+        tags: Default::default(),
     });
     let hooks = sync::SyncHooks {
         status,
