@@ -147,6 +147,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         models: vec![],
         started_at_ms: 0,
         sent_at_ms: 0,
+        tags: Default::default(),
     });
     let events: edge_agent::command::EventFn = Arc::new(|_: &str, _| {});
     let commands = edge_agent::command::Commands::open(
