@@ -25,6 +25,111 @@ pub struct Config {
     pub broker: Broker,
     /// An external broker; when set, the embedded broker is not started.
     pub mqtt: Option<Mqtt>,
+    pub bundles: Bundles,
+    pub directives: Directives,
+    pub rollouts: Rollouts,
+    pub alerts: Alerts,
+}
+
+/// The bundle store: what `POST /v1/bundles` accepts and how bundles travel to devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Bundles {
+    /// The trust root (keyring file) bundle signatures are checked against, the same file the
+    /// agents use. Without it, uploads are refused.
+    pub trust_root: Option<PathBuf>,
+    /// Largest bundle accepted by an upload.
+    pub max_bundle_bytes: u64,
+    /// Chunk size of MQTT delivery (4 KiB to 1 MiB; below the broker's payload limit).
+    pub chunk_bytes: usize,
+    /// Per-model signoff policies; a bundle of a model without one needs nothing more than
+    /// its signature to be rolled out.
+    pub signoff: Vec<SignoffPolicy>,
+}
+
+/// What a bundle of `model` must show before a rollout may use it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignoffPolicy {
+    /// Model name, or `*` for every model without its own policy.
+    pub model: String,
+    /// Gates on the bundle's holdout signoff metrics, the syntax of `fleetctl bundle build
+    /// --require`: `roc_auc>=0.9`, `abs(statistical_parity_difference)<=0.1`.
+    #[serde(default)]
+    pub require: Vec<String>,
+    /// Approvals needed from admins other than the uploader (0 or 1).
+    #[serde(default)]
+    pub approvals: u32,
+}
+
+/// Signed directives to devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Directives {
+    /// The fleet's directive signing key (a `fleetctl keys generate` secret key file); default
+    /// `<state_dir>/directive.key`, created with its `.pub` on first start.
+    pub key_file: Option<PathBuf>,
+    /// How long a directive may be accepted after it is issued (seconds).
+    pub lifetime_secs: u64,
+}
+
+/// The rollout engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rollouts {
+    /// How often deadlines and promotions are checked (milliseconds).
+    pub tick_ms: u64,
+    /// Wave timeout when a rollout does not give one (seconds).
+    pub default_wave_timeout_secs: u64,
+}
+
+/// Alertmanager-format webhooks for drift alerts and rollout halts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Alerts {
+    pub webhooks: Vec<Webhook>,
+    /// Sent as `externalURL` and in `generatorURL` (the admin API's public address).
+    pub external_url: Option<String>,
+}
+
+/// One webhook receiver.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    /// `http://host:port/path` or `https://...`.
+    pub url: String,
+    /// Sent as the payload's `receiver`.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl Default for Bundles {
+    fn default() -> Bundles {
+        Bundles {
+            trust_root: None,
+            max_bundle_bytes: 512 * 1024 * 1024,
+            chunk_bytes: shared::delivery::DEFAULT_CHUNK_BYTES,
+            signoff: Vec::new(),
+        }
+    }
+}
+
+impl Default for Directives {
+    fn default() -> Directives {
+        Directives {
+            key_file: None,
+            lifetime_secs: 24 * 3600,
+        }
+    }
+}
+
+impl Default for Rollouts {
+    fn default() -> Rollouts {
+        Rollouts {
+            tick_ms: 1000,
+            default_wave_timeout_secs: 1800,
+        }
+    }
 }
 
 /// The admin HTTP API.
@@ -71,6 +176,18 @@ pub struct Mqtt {
     /// MQTT client id of the ingest (default `fleet-ingest`).
     #[serde(default)]
     pub client_id: Option<String>,
+    /// `mqtts://`: PEM file of the CA that signed the broker's certificate.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// `mqtts://` with client certificates: PEM certificate chain and key.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
 }
 
 impl Default for Config {
@@ -81,6 +198,10 @@ impl Default for Config {
             http: Http::default(),
             broker: Broker::default(),
             mqtt: None,
+            bundles: Bundles::default(),
+            directives: Directives::default(),
+            rollouts: Rollouts::default(),
+            alerts: Alerts::default(),
         }
     }
 }
@@ -187,6 +308,11 @@ impl Config {
                     self.mqtt = Some(Mqtt {
                         url: v.clone(),
                         client_id: None,
+                        ca_file: None,
+                        client_cert: None,
+                        client_key: None,
+                        username: None,
+                        password: None,
                     })
                 }
             }
@@ -280,6 +406,75 @@ impl Config {
                 "broker.max_payload_bytes = {}: must be 65536 to 67108864",
                 b.max_payload_bytes
             ));
+        }
+        let bu = &self.bundles;
+        if !(4096..=shared::delivery::MAX_CHUNK_BYTES).contains(&bu.chunk_bytes) {
+            p.push(format!(
+                "bundles.chunk_bytes = {}: must be 4096 to {}",
+                bu.chunk_bytes,
+                shared::delivery::MAX_CHUNK_BYTES
+            ));
+        } else if self.mqtt.is_none() && bu.chunk_bytes + 8192 > b.max_payload_bytes {
+            p.push(format!(
+                "bundles.chunk_bytes = {} does not fit broker.max_payload_bytes = {} (leave 8192 bytes for the header)",
+                bu.chunk_bytes, b.max_payload_bytes
+            ));
+        }
+        if bu.max_bundle_bytes == 0 {
+            p.push("bundles.max_bundle_bytes must be at least 1".into());
+        }
+        if bu
+            .trust_root
+            .as_ref()
+            .is_some_and(|t| t.as_os_str().is_empty())
+        {
+            p.push("bundles.trust_root is empty".into());
+        }
+        let mut models = std::collections::BTreeSet::new();
+        for (i, s) in bu.signoff.iter().enumerate() {
+            if s.model.is_empty() || !models.insert(s.model.as_str()) {
+                p.push(format!(
+                    "bundles.signoff[{i}].model {:?} is empty or has two policies",
+                    s.model
+                ));
+            }
+            if s.approvals > 1 {
+                p.push(format!(
+                    "bundles.signoff[{i}].approvals = {}: must be 0 or 1",
+                    s.approvals
+                ));
+            }
+            for r in &s.require {
+                if let Err(e) = shared::metrics::Requirement::parse(r) {
+                    p.push(format!("bundles.signoff[{i}].require {r:?}: {e}"));
+                }
+            }
+        }
+        if !(60..=shared::directive::MAX_LIFETIME_MS / 1000)
+            .contains(&self.directives.lifetime_secs)
+        {
+            p.push(format!(
+                "directives.lifetime_secs = {}: must be 60 to {}",
+                self.directives.lifetime_secs,
+                shared::directive::MAX_LIFETIME_MS / 1000
+            ));
+        }
+        if !(10..=60_000).contains(&self.rollouts.tick_ms) {
+            p.push(format!(
+                "rollouts.tick_ms = {}: must be 10 to 60000",
+                self.rollouts.tick_ms
+            ));
+        }
+        if self.rollouts.default_wave_timeout_secs == 0 {
+            p.push("rollouts.default_wave_timeout_secs must be at least 1".into());
+        }
+        for (i, w) in self.alerts.webhooks.iter().enumerate() {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                p.push(format!(
+                    "alerts.webhooks[{i}].url {:?}: expected http://host[:port]/path or https://...",
+                    w.url
+                ));
+            }
         }
         if p.is_empty() {
             Ok(())
