@@ -6,5 +6,6 @@
 pub mod audit;
 pub mod ctl;
 pub mod ingest;
+pub mod link;
 pub mod server;
 pub mod store;

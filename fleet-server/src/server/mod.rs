@@ -2,6 +2,7 @@
 //! telemetry ingest into `<state_dir>/ingest`, and the admin HTTP API, with one shutdown path
 //! (a cancellation token; ingest, HTTP drain and broker stop within a deadline).
 
+pub mod api;
 pub mod broker;
 pub mod config;
 pub mod http;
