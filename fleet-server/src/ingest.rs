@@ -37,8 +37,10 @@
 //! fleet server can replace it with another [`IngestStore`] (sled, a database) without
 //! touching the protocol logic in [`Ingest`]. Retention is not implemented here.
 //!
-//! The MQTT loop ([`run`]) speaks plain `mqtt://` only; TLS for the fleet side comes with the
-//! fleet server's broker configuration.
+//! The MQTT loop ([`run_with`]) also hands status messages, replies and chunk requests to a
+//! [`DeviceSink`] (the fleet server's registry, rollouts and bundle delivery), and the
+//! records it stored to the same sink after they are durable. [`run`] is the ingest alone
+//! over plain `mqtt://`; the server passes its own (TLS) client options.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, Write};
@@ -250,13 +252,40 @@ impl<S: IngestStore> Ingest<S> {
         self.handle(topic_device, batch)
     }
 
+    /// [`Ingest::handle_payload`], also moving the records it stored into `stored`.
+    pub fn handle_payload_into(
+        &mut self,
+        topic_device: &str,
+        payload: &[u8],
+        stored: &mut Vec<wire::Record>,
+    ) -> Result<Outcome, IngestError> {
+        let batch = match wire::decode_batch(payload, self.max_batch_bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(e.into());
+            }
+        };
+        let outcome = self.handle_inner(topic_device, &batch)?;
+        if let Outcome::Ack { new, .. } = outcome {
+            let mut records = batch.records;
+            let skip = records.len().saturating_sub(new);
+            stored.extend(records.drain(skip..));
+        }
+        Ok(outcome)
+    }
+
     /// Handles a decoded batch: returns the ack to publish, or the gap.
     pub fn handle(&mut self, topic_device: &str, batch: Batch) -> Result<Outcome, IngestError> {
+        self.handle_inner(topic_device, &batch)
+    }
+
+    fn handle_inner(&mut self, topic_device: &str, batch: &Batch) -> Result<Outcome, IngestError> {
         if batch.device != topic_device {
             self.counters.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(IngestError::DeviceMismatch {
                 topic: topic_device.to_string(),
-                batch: batch.device,
+                batch: batch.device.clone(),
             });
         }
         let dev = topic_device;
@@ -706,32 +735,105 @@ fn jitter(base: Duration) -> Duration {
     base + base.mul_f64(f64::from(nanos % 1000) / 2000.0)
 }
 
-/// Runs the ingest until `shutdown`: one task owns the MQTT event loop and hands record
-/// payloads (bounded queue of 64) to one worker thread that stores and acknowledges them.
+/// What the fleet does with device messages besides storing records: the registry, the
+/// rollout engine, bundle delivery and alerts implement it (the server combines them).
+/// Every method runs on the ingest's control or storage worker thread (never on the MQTT
+/// task), so it may do disk I/O; it must not wait on the network.
+pub trait DeviceSink: Send + Sync {
+    /// A retained status message (birth or death) arrived.
+    fn on_status(&self, _device: &str, _status: &wire::Status) {}
+    /// These records of `device` were just stored durably (new records only, in seq order).
+    fn on_stored(&self, _device: &str, _records: &[wire::Record]) {}
+    /// A reply to a command or directive arrived.
+    fn on_reply(&self, _device: &str, _reply: &wire::CommandReply) {}
+    /// A chunk request (`<prefix>/<device>/bundle/get`) arrived, unparsed.
+    fn on_chunk_request(&self, _device: &str, _payload: &[u8]) {}
+}
+
+/// A sink that does nothing (the ingest alone).
+pub struct NoSink;
+impl DeviceSink for NoSink {}
+
+/// The MQTT client options for `cfg` over plain `mqtt://` (the server builds TLS options
+/// itself and calls [`run_with`]).
+pub fn plain_options(cfg: &IngestConfig) -> Result<MqttOptions, IngestError> {
+    let (host, port) =
+        wire::parse_mqtt_url(&cfg.url).ok_or_else(|| IngestError::Url(cfg.url.clone()))?;
+    let mut opts = MqttOptions::new(cfg.client_id.clone(), host, port);
+    opts.set_keep_alive(cfg.keep_alive);
+    Ok(opts)
+}
+
+/// The client and event loop for `opts` with the ingest's packet limits and queue sizes.
+pub fn connect(cfg: &IngestConfig, mut opts: MqttOptions) -> (AsyncClient, rumqttc::EventLoop) {
+    let max_packet = cfg.max_batch_bytes + 64 * 1024;
+    opts.set_max_packet_size(max_packet, max_packet);
+    opts.set_inflight(100);
+    AsyncClient::new(opts, 4096)
+}
+
+/// A publisher on `client` for fleet modules: `<prefix>/<device>/<leaf>`, QoS 1.
+pub fn publisher(client: &AsyncClient, prefix: &str) -> crate::link::Publisher {
+    let client = client.clone();
+    let prefix = prefix.to_string();
+    Arc::new(move |device: &str, leaf: &str, payload: Vec<u8>| {
+        client
+            .try_publish(
+                format!("{prefix}/{device}/{leaf}"),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .is_ok()
+    })
+}
+
+/// Runs the ingest until `shutdown` (plain `mqtt://`, no other consumers of device
+/// messages): see [`run_with`].
 pub async fn run<S: IngestStore + 'static>(
     cfg: IngestConfig,
     store: S,
     counters: Arc<IngestCounters>,
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
-    let (host, port) =
-        wire::parse_mqtt_url(&cfg.url).ok_or_else(|| IngestError::Url(cfg.url.clone()))?;
-    let mut opts = MqttOptions::new(cfg.client_id.clone(), host, port);
-    opts.set_keep_alive(cfg.keep_alive);
-    let max_packet = cfg.max_batch_bytes + 64 * 1024;
-    opts.set_max_packet_size(max_packet, max_packet);
-    opts.set_inflight(100);
-    let (client, mut events) = AsyncClient::new(opts, 1024);
+    let (client, events) = connect(&cfg, plain_options(&cfg)?);
+    run_with(cfg, client, events, store, counters, Arc::new(NoSink), shutdown).await
+}
+
+enum Control {
+    Status(String, Vec<u8>),
+    Reply(String, Vec<u8>),
+    Chunk(String, Vec<u8>),
+}
+
+/// Runs the fleet's MQTT loop until `shutdown`: one task owns the event loop; record
+/// payloads go to one storage worker thread (bounded queue of 64) that stores, acknowledges
+/// and then hands the new records to `sink`; status messages, replies and chunk requests go
+/// to one control worker thread (bounded queue of 1024) that hands them to `sink`. Both
+/// queues apply backpressure to the broker; nothing is dropped.
+pub async fn run_with<S: IngestStore + 'static>(
+    cfg: IngestConfig,
+    client: AsyncClient,
+    mut events: rumqttc::EventLoop,
+    store: S,
+    counters: Arc<IngestCounters>,
+    sink: Arc<dyn DeviceSink>,
+    shutdown: CancellationToken,
+) -> Result<(), IngestError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Vec<u8>)>(64);
+    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<Control>(1024);
 
     let prefix = cfg.topic_prefix.clone();
     let worker_counters = counters.clone();
     let worker_client = client.clone();
     let max_batch_bytes = cfg.max_batch_bytes;
+    let store_sink = sink.clone();
     let worker = tokio::task::spawn_blocking(move || {
         let mut ingest = Ingest::new(store, worker_counters.clone(), max_batch_bytes);
+        let mut stored: Vec<wire::Record> = Vec::new();
         while let Some((device, payload)) = rx.blocking_recv() {
-            match ingest.handle_payload(&device, &payload) {
+            stored.clear();
+            match ingest.handle_payload_into(&device, &payload, &mut stored) {
                 Ok(Outcome::Ack { through, .. }) => {
                     let epoch = ingest.store().state(&device).map_or(0, |s| s.epoch);
                     let ack = wire::to_json(&wire::Ack {
@@ -746,6 +848,9 @@ pub async fn run<S: IngestStore + 'static>(
                             .fetch_add(1, Ordering::Relaxed),
                         Err(_) => worker_counters.acks_dropped.fetch_add(1, Ordering::Relaxed),
                     };
+                    if !stored.is_empty() {
+                        store_sink.on_stored(&device, &stored);
+                    }
                 }
                 Ok(Outcome::Gap { last_seq, prev }) => {
                     tracing::info!(%device, last_seq, prev, "batch after a gap: not stored, not acknowledged");
@@ -770,9 +875,53 @@ pub async fn run<S: IngestStore + 'static>(
             }
         }
     });
+    let ctl_counters = counters.clone();
+    let control = tokio::task::spawn_blocking(move || {
+        while let Some(msg) = ctl_rx.blocking_recv() {
+            match msg {
+                Control::Status(device, payload) => match wire::parse_status(&payload) {
+                    Ok(status) => {
+                        let id = match &status {
+                            wire::Status::Online(b) => {
+                                ctl_counters.births.fetch_add(1, Ordering::Relaxed);
+                                &b.device
+                            }
+                            wire::Status::Offline(d) => {
+                                ctl_counters.deaths.fetch_add(1, Ordering::Relaxed);
+                                &d.device
+                            }
+                        };
+                        if *id == device {
+                            sink.on_status(&device, &status);
+                        } else {
+                            ctl_counters.rejected.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(%device, claimed = %id, "status names another device: ignored");
+                        }
+                    }
+                    Err(e) => {
+                        ctl_counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%device, error = %e, "bad status");
+                    }
+                },
+                Control::Reply(device, payload) => match wire::parse_reply(&payload) {
+                    Ok(reply) => sink.on_reply(&device, &reply),
+                    Err(e) => {
+                        ctl_counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%device, error = %e, "bad reply");
+                    }
+                },
+                Control::Chunk(device, payload) => sink.on_chunk_request(&device, &payload),
+            }
+        }
+    });
 
-    let records_filter = format!("{}/+/records", cfg.topic_prefix);
-    let status_filter = format!("{}/+/status", cfg.topic_prefix);
+    let p = &cfg.topic_prefix;
+    let filters = [
+        format!("{p}/+/records"),
+        format!("{p}/+/status"),
+        format!("{p}/+/replies"),
+        format!("{p}/+/{}", shared::delivery::GET_LEAF),
+    ];
     let mut backoff = Duration::from_millis(100);
     loop {
         let ev = tokio::select! {
@@ -783,34 +932,43 @@ pub async fn run<S: IngestStore + 'static>(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);
                 counters.connected.store(1, Ordering::Relaxed);
-                for f in [&records_filter, &status_filter] {
+                for f in &filters {
                     if client.try_subscribe(f.clone(), QoS::AtLeastOnce).is_err() {
                         tracing::warn!(filter = %f, "subscribe request dropped (queue full)");
                     }
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if let Some(dev) = topic_device(&cfg.topic_prefix, &p.topic, "records") {
-                    // bounded: waits for the worker (backpressure to the broker), never drops
-                    if tx
-                        .send((dev.to_string(), p.payload.to_vec()))
+                // bounded queues: wait for the workers (backpressure to the broker), never drop
+                let sent = if let Some(dev) = topic_device(&cfg.topic_prefix, &p.topic, "records") {
+                    tx.send((dev.to_string(), p.payload.to_vec())).await.is_ok()
+                } else if let Some(dev) = topic_device(&cfg.topic_prefix, &p.topic, "status") {
+                    if p.payload.is_empty() {
+                        true // a cleared retained status
+                    } else {
+                        ctl_tx
+                            .send(Control::Status(dev.to_string(), p.payload.to_vec()))
+                            .await
+                            .is_ok()
+                    }
+                } else if let Some(dev) = topic_device(&cfg.topic_prefix, &p.topic, "replies") {
+                    ctl_tx
+                        .send(Control::Reply(dev.to_string(), p.payload.to_vec()))
                         .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                } else if topic_device(&cfg.topic_prefix, &p.topic, "status").is_some() {
-                    match wire::parse_status(&p.payload) {
-                        Ok(wire::Status::Online(_)) => {
-                            counters.births.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(wire::Status::Offline(_)) => {
-                            counters.deaths.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => tracing::warn!(topic = %p.topic, error = %e, "bad status"),
-                    }
+                        .is_ok()
+                } else if let Some(dev) =
+                    topic_device(&cfg.topic_prefix, &p.topic, shared::delivery::GET_LEAF)
+                {
+                    ctl_tx
+                        .send(Control::Chunk(dev.to_string(), p.payload.to_vec()))
+                        .await
+                        .is_ok()
                 } else {
                     counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    true
+                };
+                if !sent {
+                    break;
                 }
             }
             Ok(_) => {}
@@ -828,7 +986,9 @@ pub async fn run<S: IngestStore + 'static>(
     }
     counters.connected.store(0, Ordering::Relaxed);
     drop(tx);
+    drop(ctl_tx);
     let _ = worker.await;
+    let _ = control.await;
     let _ = client.try_disconnect();
     Ok(())
 }

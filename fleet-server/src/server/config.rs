@@ -366,14 +366,9 @@ impl Config {
         }
         match &self.mqtt {
             Some(m) => {
-                if m.url.starts_with("mqtts://") {
-                    p.push(format!(
-                        "mqtt.url {:?}: mqtts:// (TLS) is not supported yet; use mqtt://host:port",
-                        m.url
-                    ));
-                } else if shared::wire::parse_mqtt_url(&m.url).is_none() {
-                    p.push(format!("mqtt.url {:?}: expected mqtt://host:port", m.url));
-                }
+                // URL (mqtt:// or mqtts://), TLS keys only with mqtts://, a CA file for it,
+                // client certificate and key together, the files existing
+                p.extend(super::tls::problems(m).iter().map(ToString::to_string));
                 if m.client_id.as_deref().is_some_and(str::is_empty) {
                     p.push("mqtt.client_id is empty".into());
                 }
@@ -561,7 +556,7 @@ mod tests {
         );
         let tls = Config::parse("[mqtt]\nurl = \"mqtts://b:8883\"\n").unwrap();
         let p = tls.validate().unwrap_err().problems.join("\n");
-        assert!(p.contains("mqtts:// (TLS) is not supported yet"), "{p}");
+        assert!(p.contains("mqtts:// needs mqtt.ca_file"), "{p}");
         let none = Config::parse("[broker]\nembedded = false\n").unwrap();
         let p = none.validate().unwrap_err().problems.join("\n");
         assert!(

@@ -6,6 +6,7 @@ pub mod api;
 pub mod broker;
 pub mod config;
 pub mod http;
+pub mod tls;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
