@@ -13,9 +13,12 @@
 //!   `DirectiveError::event_reason`'s values, or `no_directive_keys`, or
 //!   `directives_disabled` when a key or the counter file could not be read at start) and
 //!   the id it claimed;
-//! - a directive that verifies but whose action this agent does not carry out yet (install,
-//!   rollback: bundle delivery over MQTT comes with the fleet server) is answered `ok: false`
-//!   saying so, after its counter was recorded; `ping` is answered `ok: true`.
+//! - a verified directive is handed to the [`Executor`] after its counter was recorded:
+//!   `install` is answered `ok: true` once the download is accepted (not after it: the
+//!   outcome follows as events), `ok: false` with the error when refused (bundle too large,
+//!   no disk); `rollback` is answered after the rollback ran, `ok: false` with the error when
+//!   it is impossible; `ping` is answered `ok: true`. Without an executor (a handler built
+//!   for tests or tools) install and rollback are answered `ok: false`.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -33,6 +36,21 @@ const MAX_COUNTER_FILE: u64 = 4096;
 
 /// Called with (event name, detail) for every directive accepted or refused.
 pub type EventFn = Arc<dyn Fn(&str, Value) + Send + Sync>;
+
+/// Carries out verified directives (the service implements it).
+pub trait Executor: Send + Sync {
+    /// Accepts an install: the download starts (or the release is already active). `Err`:
+    /// refused, with the reason for the reply.
+    fn install(&self, job: crate::download::Job) -> Result<(), String>;
+    /// Rolls `model` back to its previous version (`to_release`, when given, must be it).
+    fn rollback(
+        &self,
+        directive: &str,
+        model: &str,
+        to_release: Option<u64>,
+        reason: &str,
+    ) -> Result<String, String>;
+}
 
 /// Why the command handler could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +79,7 @@ pub struct Commands {
     events: EventFn,
     /// Why directives are refused although keys may be configured (set-up failed).
     disabled: Option<String>,
+    executor: Option<Arc<dyn Executor>>,
 }
 
 impl std::fmt::Debug for Commands {
@@ -99,7 +118,14 @@ impl Commands {
             counter_path,
             events,
             disabled: None,
+            executor: None,
         })
+    }
+
+    /// Carries out install and rollback directives with `executor`.
+    pub fn with_executor(mut self, executor: Arc<dyn Executor>) -> Commands {
+        self.executor = Some(executor);
+        self
     }
 
     /// A handler that refuses every directive because setting up failed (`reason`: a bad key
@@ -112,6 +138,7 @@ impl Commands {
             counter_path: PathBuf::new(),
             events,
             disabled: Some(reason),
+            executor: None,
         }
     }
 
@@ -176,16 +203,53 @@ impl Commands {
             "directive_accepted",
             json!({"id": d.id, "counter": d.counter, "action": d.action.name()}),
         );
+        let Some(executor) = &self.executor else {
+            return match d.action {
+                Action::Ping {} => reply(&d.id, Ok(())),
+                other => reply(
+                    &d.id,
+                    Err(format!(
+                        "directive {} verified, but {:?} is not carried out by this handler",
+                        d.id,
+                        other.name()
+                    )),
+                ),
+            };
+        };
         match d.action {
             Action::Ping {} => reply(&d.id, Ok(())),
-            other => reply(
+            Action::Install {
+                model,
+                version,
+                release,
+                bundle_sha256,
+                bundle_bytes,
+            } => {
+                let job = crate::download::Job {
+                    directive: d.id.clone(),
+                    model,
+                    version,
+                    release,
+                    sha256: bundle_sha256,
+                    bundle_bytes,
+                };
+                reply(
+                    &d.id,
+                    executor
+                        .install(job)
+                        .map_err(|e| format!("directive {}: install refused: {e}", d.id)),
+                )
+            }
+            Action::Rollback {
+                model,
+                to_release,
+                reason,
+            } => reply(
                 &d.id,
-                Err(format!(
-                    "directive {} verified, but {:?} is not carried out by this agent yet \
-                     (bundle delivery over MQTT comes with the fleet server)",
-                    d.id,
-                    other.name()
-                )),
+                executor
+                    .rollback(&d.id, &model, to_release, &reason)
+                    .map(|_| ())
+                    .map_err(|e| format!("directive {}: rollback refused: {e}", d.id)),
             ),
         }
     }
@@ -419,6 +483,81 @@ mod tests {
             NOW,
         );
         assert!(!r.ok && r.id == "c2", "{r:?}");
+    }
+
+    /// Records what it was asked; refuses rollbacks of unknown models.
+    #[derive(Default)]
+    struct FakeExecutor {
+        installs: Mutex<Vec<crate::download::Job>>,
+    }
+
+    impl Executor for FakeExecutor {
+        fn install(&self, job: crate::download::Job) -> Result<(), String> {
+            if job.bundle_bytes > 1000 {
+                return Err(format!("bundle of {} bytes is too large", job.bundle_bytes));
+            }
+            self.installs.lock().unwrap().push(job);
+            Ok(())
+        }
+
+        fn rollback(
+            &self,
+            _directive: &str,
+            model: &str,
+            _to: Option<u64>,
+            _reason: &str,
+        ) -> Result<String, String> {
+            if model == "pdm-failure" {
+                Ok("rolled back".into())
+            } else {
+                Err(format!("model {model:?} is not installed"))
+            }
+        }
+    }
+
+    #[test]
+    fn install_and_rollback_directives_go_to_the_executor() {
+        let f = fixture();
+        let exec = Arc::new(FakeExecutor::default());
+        let c = f.open().with_executor(exec.clone());
+        let install = |bytes: u64| Action::Install {
+            model: "pdm-failure".into(),
+            version: "1.3.0".into(),
+            release: 4,
+            bundle_sha256: "9f".repeat(32),
+            bundle_bytes: bytes,
+        };
+        let r = c.answer(&f.payload("press-07", 1, NOW, install(900)), NOW);
+        assert!(r.ok && r.id == "d-1", "{r:?}");
+        let jobs = exec.installs.lock().unwrap().clone();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(
+            (
+                jobs[0].directive.as_str(),
+                jobs[0].model.as_str(),
+                jobs[0].release,
+                jobs[0].bundle_bytes
+            ),
+            ("d-1", "pdm-failure", 4, 900)
+        );
+        assert_eq!(jobs[0].source(), "fleet:d-1");
+        let r = c.answer(&f.payload("press-07", 2, NOW, install(5000)), NOW);
+        assert!(!r.ok);
+        assert!(r.error.as_deref().unwrap().contains("too large"), "{r:?}");
+        let rollback = |model: &str| Action::Rollback {
+            model: model.into(),
+            to_release: None,
+            reason: "canary failed".into(),
+        };
+        let r = c.answer(&f.payload("press-07", 3, NOW, rollback("pdm-failure")), NOW);
+        assert!(r.ok, "{r:?}");
+        let r = c.answer(&f.payload("press-07", 4, NOW, rollback("other")), NOW);
+        assert!(!r.ok && r.id == "d-4");
+        assert!(r.error.unwrap().contains("not installed"));
+        // a replayed install is refused before the executor sees it
+        let r = c.answer(&f.payload("press-07", 1, NOW, install(900)), NOW);
+        assert!(!r.ok && r.error.unwrap().contains("replay"));
+        assert_eq!(exec.installs.lock().unwrap().len(), 1);
     }
 
     #[test]

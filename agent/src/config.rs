@@ -21,6 +21,8 @@ pub struct Config {
     pub trust_root: PathBuf,
     /// Optional root-signed keyring of signing keys.
     pub keyring: Option<PathBuf>,
+    /// This device's description for the fleet (tags in the birth message).
+    pub device: Device,
     pub http: Http,
     pub mqtt: Option<Mqtt>,
     pub install: Install,
@@ -34,6 +36,49 @@ pub struct Config {
     pub telemetry: Telemetry,
     pub drift: Drift,
     pub feedback: crate::feedback::FeedbackConfig,
+}
+
+/// `[device]`: what the fleet knows this device by besides its id.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Device {
+    /// Tags in the birth message (`site`, `line`, `hardware`, ...): rollouts target devices
+    /// by them. Keys and values: 1 to 64 bytes of `A-Z a-z 0-9 . _ -`; at most 32 tags.
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
+/// Most tags a device carries.
+pub const MAX_TAGS: usize = 32;
+
+impl Device {
+    /// Every problem of the tags, naming the key.
+    pub fn problems(&self) -> Vec<String> {
+        let ok = |s: &str| {
+            (1..=64).contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        };
+        let mut p = Vec::new();
+        if self.tags.len() > MAX_TAGS {
+            p.push(format!(
+                "device.tags: {} tags, at most {MAX_TAGS}",
+                self.tags.len()
+            ));
+        }
+        for (k, v) in &self.tags {
+            if !ok(k) {
+                p.push(format!(
+                    "device.tags: key {k:?}: use 1 to 64 characters of A-Z a-z 0-9 . _ -"
+                ));
+            }
+            if !ok(v) {
+                p.push(format!(
+                    "device.tags.{k}: value {v:?}: use 1 to 64 characters of A-Z a-z 0-9 . _ -"
+                ));
+            }
+        }
+        p
+    }
 }
 
 /// How often the agent produces records for the fleet.
@@ -154,6 +199,13 @@ pub struct Install {
     pub max_bundle_bytes: u64,
     /// Single-row runs measured for the on-device latency profile.
     pub latency_runs: u32,
+    /// Largest bundle a fleet install directive may ask to download (bytes); a directive
+    /// over it, or over half the free disk of the state directory, is refused.
+    pub max_download_bytes: u64,
+    /// A download without a new chunk for this long asks again for the missing chunks.
+    pub download_timeout_secs: u64,
+    /// Silent timeouts in a row before a download is given up (`download_failed`).
+    pub download_retries: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -178,6 +230,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/edge-agent"),
             trust_root: PathBuf::from("/etc/edge-agent/root.pub"),
             keyring: None,
+            device: Device::default(),
             http: Http::default(),
             mqtt: None,
             install: Install::default(),
@@ -208,6 +261,9 @@ impl Default for Install {
         Install {
             max_bundle_bytes: 512 * 1024 * 1024,
             latency_runs: 200,
+            max_download_bytes: 512 * 1024 * 1024,
+            download_timeout_secs: 10,
+            download_retries: 6,
         }
     }
 }
@@ -419,6 +475,22 @@ impl Config {
         if self.install.latency_runs == 0 || self.install.latency_runs > 100_000 {
             p.push("install.latency_runs must be 1 to 100000".into());
         }
+        if self.install.max_download_bytes == 0 {
+            p.push("install.max_download_bytes must be positive".into());
+        }
+        if !(1..=3600).contains(&self.install.download_timeout_secs) {
+            p.push(format!(
+                "install.download_timeout_secs = {}: must be 1 to 3600",
+                self.install.download_timeout_secs
+            ));
+        }
+        if !(1..=1000).contains(&self.install.download_retries) {
+            p.push(format!(
+                "install.download_retries = {}: must be 1 to 1000",
+                self.install.download_retries
+            ));
+        }
+        p.extend(self.device.problems());
         let h = &self.health;
         for (name, v, lo, hi) in [
             ("health.max_error_rate", h.max_error_rate, 0.0, 1.0),
@@ -531,6 +603,39 @@ mod tests {
             assert!(all.contains(want), "{want} in {all}");
         }
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn device_tags_are_read_and_every_bad_one_is_named() {
+        let c: Config = toml::from_str(
+            "[device]\ntags = { site = \"plant-a\", line = \"3\", hardware = \"ipc-x86\" }\n",
+        )
+        .unwrap();
+        assert_eq!(c.device.tags["site"], "plant-a");
+        assert_eq!(c.device.tags.len(), 3);
+        assert!(c.device.problems().is_empty());
+        let long = "x".repeat(65);
+        let c: Config = toml::from_str(&format!(
+            "[device.tags]\n\"bad key\" = \"a\"\nsite = \"plant a\"\nline = \"\"\nok = \"{long}\"\n[install]\ndownload_timeout_secs = 0\n"
+        ))
+        .unwrap();
+        let all = c.validate().unwrap_err().problems.join("\n");
+        for want in [
+            "device.tags: key \"bad key\"",
+            "device.tags.site: value \"plant a\"",
+            "device.tags.line: value \"\"",
+            "device.tags.ok: value",
+            "install.download_timeout_secs = 0",
+        ] {
+            assert!(all.contains(want), "{want} in {all}");
+        }
+        let many: std::collections::BTreeMap<String, String> = (0..33)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        let d = Device { tags: many };
+        assert!(d.problems()[0].contains("33 tags, at most 32"));
+        assert_eq!(Install::default().max_download_bytes, 512 * 1024 * 1024);
+        assert!(toml::from_str::<Config>("[device]\nsite = \"a\"\n").is_err());
     }
 
     #[test]

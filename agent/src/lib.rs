@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cli;
 pub mod command;
 pub mod config;
+pub mod download;
 pub mod feedback;
 pub mod http;
 pub mod metrics;

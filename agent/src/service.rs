@@ -1,6 +1,11 @@
 //! `edge-agent run`: the service. Opens the store, loads the active models, serves HTTP,
-//! installs bundles from the inbox and the admin socket, watches health windows and rolls
-//! back, talks to systemd; one shutdown path (cancellation token, drain within a deadline).
+//! installs bundles from the inbox, the admin socket and fleet directives (downloaded over
+//! MQTT, `crate::download`), watches health windows and rolls back, talks to systemd; one
+//! shutdown path (cancellation token, drain within a deadline).
+//!
+//! Every source goes through the same pipeline ([`Ctx::install`]); the events of an install
+//! or rollback a fleet directive asked for carry its id (`directive`), model and release,
+//! and the retained birth is republished whenever an active version or its phase changes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +15,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -92,10 +98,54 @@ fn reason_key(e: &StoreError) -> &'static str {
     }
 }
 
+/// The fleet directive the current thread is carrying out (an install or a rollback): the
+/// store's events emitted on this thread get its id, model and release.
+#[derive(Debug, Clone)]
+struct FleetOp {
+    directive: String,
+    model: String,
+    release: Option<u64>,
+}
+
+thread_local! {
+    static FLEET_OP: std::cell::RefCell<Option<FleetOp>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with `op` as this thread's fleet directive.
+fn with_fleet_op<T>(op: FleetOp, f: impl FnOnce() -> T) -> T {
+    FLEET_OP.with(|c| *c.borrow_mut() = Some(op));
+    let out = f();
+    FLEET_OP.with(|c| *c.borrow_mut() = None);
+    out
+}
+
+/// Adds the current fleet directive (if any) to a store event: `(model, detail)`.
+fn tag_event(model: &str, detail: &serde_json::Value) -> (String, serde_json::Value) {
+    let op = FLEET_OP.with(|c| c.borrow().clone());
+    let mut detail = detail.clone();
+    let Some(op) = op else {
+        return (model.to_string(), detail);
+    };
+    if !model.is_empty() && model != op.model {
+        return (model.to_string(), detail);
+    }
+    if let Some(m) = detail.as_object_mut() {
+        m.insert("directive".into(), serde_json::json!(op.directive));
+        m.entry("model")
+            .or_insert_with(|| serde_json::json!(op.model));
+        if let Some(r) = op.release {
+            m.entry("release").or_insert_with(|| serde_json::json!(r));
+        }
+    }
+    (op.model, detail)
+}
+
 struct Ctx {
     store: Mutex<Store>,
     state: Arc<AppState>,
     policy: HealthPolicy,
+    /// Notified when an active version or its phase changed (the sync republishes the birth).
+    birth_changed: Arc<Notify>,
 }
 
 impl Ctx {
@@ -158,6 +208,7 @@ impl Ctx {
                     .lifecycle
                     .installs
                     .fetch_add(1, Ordering::Relaxed);
+                self.birth_changed.notify_one();
                 tracing::info!(model = %r.name, release = r.release, source, ?mode, "installed as a candidate");
                 Ok(format!(
                     "installed {} release {} as {}",
@@ -179,6 +230,7 @@ impl Ctx {
                     .lifecycle
                     .installs
                     .fetch_add(1, Ordering::Relaxed);
+                self.birth_changed.notify_one();
                 tracing::info!(model = %r.name, release = r.release, source, "installed and activated");
                 Ok(format!("installed {} release {}", r.name, r.release))
             }
@@ -219,6 +271,7 @@ impl Ctx {
                             tracing::error!(model = %s.name, error = %e, "commit failed");
                         }
                     }
+                    self.birth_changed.notify_one();
                 }
                 Health::Breach(reason) => {
                     tracing::warn!(model = %s.name, release = l.release, %reason, "health breach: rolling back");
@@ -237,10 +290,70 @@ impl Ctx {
                                 tracing::error!(model = %s.name, error = %e, "loading the previous version failed")
                             }
                         }
+                        self.birth_changed.notify_one();
                     }
                 }
             }
         }
+    }
+
+    /// Makes the previous version of `model` active again, in the store and in memory (the
+    /// operator's `edge-agent rollback`, and fleet rollback directives).
+    fn rollback(&self, model: &str, reason: &str, kind: &str) -> Result<String, StoreError> {
+        let st = self.store()?.rollback(model, reason)?;
+        bump(&self.state.lifecycle.rollbacks, kind);
+        let loaded = self.load(model, None);
+        if let Ok(l) = &loaded {
+            self.state.activate(l.clone());
+        }
+        self.birth_changed.notify_one();
+        loaded?;
+        Ok(format!(
+            "{model}: release {} active again",
+            st.active.release
+        ))
+    }
+
+    /// Installs a bundle a fleet directive had downloaded (the same pipeline as the inbox,
+    /// source `fleet:<directive id>`; its events carry the directive).
+    fn fleet_install(&self, job: &crate::download::Job, path: &Path) {
+        let op = FleetOp {
+            directive: job.directive.clone(),
+            model: job.model.clone(),
+            release: Some(job.release),
+        };
+        let result = with_fleet_op(op, || self.install(path, &job.source()));
+        if let Err(e) = result {
+            tracing::warn!(directive = %job.directive, model = %job.model, error = %e, "fleet install rejected");
+        }
+    }
+
+    /// Whether `job`'s model already runs its release; if so and it is committed, says so
+    /// again (`committed` with the directive), since the fleet waits for it.
+    fn already_active(&self, job: &crate::download::Job) -> bool {
+        let root = match self.store() {
+            Ok(s) => s.root().to_path_buf(),
+            Err(_) => return false,
+        };
+        let Ok(states) = crate::store::status_of(&root) else {
+            return false;
+        };
+        let Some(s) = states.into_iter().find(|s| s.name == job.model) else {
+            return false;
+        };
+        if s.active.release != job.release {
+            return false;
+        }
+        if s.phase == "committed" {
+            if let Ok(store) = self.store() {
+                store.event(
+                    &job.model,
+                    "committed",
+                    serde_json::json!({"release": job.release, "directive": job.directive}),
+                );
+            }
+        }
+        true
     }
 
     /// Installs every `*.bundle` in the inbox (a file counts once renamed to `.bundle`);
@@ -344,7 +457,8 @@ pub async fn run(
         let t = telemetry.clone();
         store.set_event_sink(Arc::new(
             move |model: &str, event: &str, detail: &serde_json::Value| {
-                t.event(model, event, detail.clone())
+                let (model, detail) = tag_event(model, detail);
+                t.event(&model, event, detail)
             },
         ));
     }
@@ -372,10 +486,12 @@ pub async fn run(
         health_sample: Arc::new(Mutex::new(None)),
     });
     let root = store.root().to_path_buf();
+    let birth_changed = Arc::new(Notify::new());
     let ctx = Arc::new(Ctx {
         store: Mutex::new(store),
         state: state.clone(),
         policy,
+        birth_changed: birth_changed.clone(),
     });
     // Load every active model; one that fails to load is rolled back to its previous version.
     let statuses = ctx
@@ -516,11 +632,17 @@ pub async fn run(
         });
     }
 
-    // Sync of the outbox to the fleet broker.
+    // Sync of the outbox to the fleet broker, fleet directives and bundle downloads.
+    let mut downloads: Option<Arc<crate::download::Downloads>> = None;
     if let (Some(sync), Some(outbox)) = (config.sync.clone(), telemetry.outbox().cloned()) {
         let st = state.clone();
-        let status: Arc<dyn Fn() -> shared::wire::Birth + Send + Sync> =
-            Arc::new(move || crate::telemetry::birth(&st.device_id, &st.registry));
+        let state_dir = root.clone();
+        let status: Arc<dyn Fn() -> shared::wire::Birth + Send + Sync> = Arc::new(move || {
+            let phases: BTreeMap<String, String> = crate::store::status_of(&state_dir)
+                .map(|v| v.into_iter().map(|s| (s.name, s.phase)).collect())
+                .unwrap_or_default();
+            crate::telemetry::birth(&st.device_id, &st.registry, &st.config.device.tags, &phases)
+        });
         let st = state.clone();
         let events: crate::command::EventFn = Arc::new(move |name: &str, detail| {
             st.telemetry.event("", name, detail);
@@ -538,15 +660,34 @@ pub async fn run(
                 crate::command::Commands::disabled(&state.device_id, e.to_string(), events)
             }
         };
+        let commands = match start_downloads(&ctx, &config, &root) {
+            Ok(d) => {
+                downloads = Some(d.clone());
+                commands.with_executor(Arc::new(FleetExecutor {
+                    ctx: ctx.clone(),
+                    downloads: d,
+                }))
+            }
+            Err(e) => {
+                // directives are still verified and answered: install and rollback refused
+                tracing::error!(error = %e, "bundle downloads unavailable");
+                commands
+            }
+        };
         let hooks = crate::sync::SyncHooks {
             status,
             commands: Arc::new(commands),
+        };
+        let extras = crate::sync::SyncExtras {
+            downloads: downloads.clone(),
+            birth_changed: Some(birth_changed.clone()),
         };
         let (counters, wake, token) = (state.sync.clone(), telemetry.wake.clone(), token.clone());
         let device = state.device_id.clone();
         tasks.spawn(async move {
             if let Err(e) =
-                crate::sync::run(sync, device, outbox, hooks, counters, wake, token).await
+                crate::sync::run_with(sync, device, outbox, hooks, extras, counters, wake, token)
+                    .await
             {
                 tracing::error!(error = %e, "sync stopped");
             }
@@ -597,9 +738,116 @@ pub async fn run(
         .flatten()
         .is_some()
     {}
+    if let Some(d) = downloads {
+        // the worker holds the store; an install in progress finishes first
+        let stopped = tokio::task::spawn_blocking(move || d.shutdown());
+        if tokio::time::timeout(DRAIN_DEADLINE, stopped).await.is_err() {
+            tracing::warn!("drain deadline passed with an install in progress");
+        }
+    }
     telemetry.flush();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts the download worker: its events go through the store (`events.jsonl` and the
+/// outbox), finished downloads through [`Ctx::fleet_install`].
+fn start_downloads(
+    ctx: &Arc<Ctx>,
+    config: &Config,
+    root: &Path,
+) -> Result<Arc<crate::download::Downloads>, crate::download::DownloadError> {
+    let c = ctx.clone();
+    let event: crate::download::EventFn = Arc::new(move |model: &str, name: &str, detail| {
+        if let Ok(store) = c.store() {
+            store.event(model, name, detail);
+        }
+    });
+    let c = ctx.clone();
+    let install =
+        Arc::new(move |job: &crate::download::Job, path: &Path| c.fleet_install(job, path));
+    let c = ctx.clone();
+    let settled = Arc::new(move |job: &crate::download::Job| c.already_active(job));
+    let cfg = crate::download::DownloadConfig {
+        dir: root.join(crate::download::DOWNLOADS_DIR),
+        max_bytes: config.install.max_download_bytes,
+        timeout: Duration::from_secs(config.install.download_timeout_secs),
+        retries: config.install.download_retries,
+    };
+    let hooks = crate::download::Hooks {
+        event,
+        install,
+        settled,
+    };
+    Ok(Arc::new(crate::download::Downloads::start(cfg, hooks)?))
+}
+
+/// Carries out verified fleet directives.
+struct FleetExecutor {
+    ctx: Arc<Ctx>,
+    downloads: Arc<crate::download::Downloads>,
+}
+
+impl crate::command::Executor for FleetExecutor {
+    fn install(&self, job: crate::download::Job) -> Result<(), String> {
+        if let Err(e) = self.downloads.check(&job) {
+            let reason = e.to_string();
+            if let Ok(store) = self.ctx.store() {
+                store.event(
+                    &job.model,
+                    "install_rejected",
+                    serde_json::json!({
+                        "source": job.source(), "directive": job.directive,
+                        "model": job.model, "release": job.release, "reason": reason,
+                    }),
+                );
+            }
+            bump(&self.ctx.state.lifecycle.rejections, "download");
+            return Err(reason);
+        }
+        tracing::info!(directive = %job.directive, model = %job.model, release = job.release, "install directive accepted");
+        // the worker checks whether the release already runs, then downloads
+        self.downloads.submit(job);
+        Ok(())
+    }
+
+    fn rollback(
+        &self,
+        directive: &str,
+        model: &str,
+        to_release: Option<u64>,
+        reason: &str,
+    ) -> Result<String, String> {
+        let states = self
+            .ctx
+            .store()
+            .and_then(|s| s.status())
+            .map_err(|e| e.to_string())?;
+        let Some(s) = states.into_iter().find(|s| s.name == model) else {
+            return Err(StoreError::UnknownModel(model.to_string()).to_string());
+        };
+        let Some(prev) = &s.previous else {
+            return Err(StoreError::NoPrevious(model.to_string()).to_string());
+        };
+        if let Some(want) = to_release {
+            if want != prev.release {
+                return Err(format!(
+                    "model {model:?}: to_release {want} is not the previous release {} (active: {})",
+                    prev.release, s.active.release
+                ));
+            }
+        }
+        self.downloads.cancel_model(
+            model,
+            format!("cancelled by rollback directive {directive}"),
+        );
+        let op = FleetOp {
+            directive: directive.to_string(),
+            model: model.to_string(),
+            release: None,
+        };
+        with_fleet_op(op, || self.ctx.rollback(model, reason, "fleet")).map_err(|e| e.to_string())
+    }
 }
 
 #[cfg(unix)]
@@ -636,14 +884,7 @@ async fn admin_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) -> std::io::R
                     .as_str()
                     .unwrap_or("operator request")
                     .to_string();
-                let st = c.store()?.rollback(&model, &reason)?;
-                let l = c.load(&model, None)?;
-                c.state.activate(l);
-                bump(&c.state.lifecycle.rollbacks, "operator");
-                Ok(format!(
-                    "{model}: release {} active again",
-                    st.active.release
-                ))
+                c.rollback(&model, &reason, "operator")
             }
             Some("promote") => {
                 let st = c.store()?.promote(&model)?;
@@ -651,6 +892,7 @@ async fn admin_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) -> std::io::R
                 let l = c.load(&model, baseline)?;
                 c.state.activate(l);
                 c.state.registry.set_candidate(&model, None);
+                c.birth_changed.notify_one();
                 Ok(format!(
                     "{model}: release {} promoted to active",
                     st.active.release
@@ -659,6 +901,7 @@ async fn admin_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) -> std::io::R
             Some("drop") => {
                 c.store()?.drop_candidate(&model)?;
                 c.state.registry.set_candidate(&model, None);
+                c.birth_changed.notify_one();
                 Ok(format!("{model}: candidate removed"))
             }
             _ => Err(StoreError::Rejected(

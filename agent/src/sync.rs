@@ -13,6 +13,12 @@
 //! exponential backoff with jitter, failover to the next URL; it never blocks: everything it
 //! sends uses `try_publish`/`try_subscribe`); the pump task reads the outbox on the blocking
 //! pool, publishes a window of at most `window` unacknowledged batches and applies acks.
+//!
+//! With [`SyncExtras`] the event loop also subscribes to `<prefix>/<device>/bundle/chunk`
+//! and hands chunk frames to the bundle downloads (`crate::download`, never blocking: a
+//! full queue drops the frame, which is asked for again), gives them a publisher for
+//! `bundle/get` at every connect, and republishes the retained birth when notified that an
+//! active version or its phase changed.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -31,6 +37,10 @@ use crate::outbox::{Class, DropReason, Outbox, OutboxError, Record};
 
 /// Largest ack / command payload accepted from the broker (bytes).
 const MAX_INCOMING_BYTES: usize = 256 * 1024;
+/// Largest packet accepted when bundle chunks are received (a frame of the largest chunk,
+/// its header and the topic).
+const MAX_CHUNK_PACKET_BYTES: usize =
+    shared::delivery::MAX_CHUNK_BYTES + shared::delivery::MAX_HEADER_BYTES + 8 + 1024;
 /// zstd level for compressed batches (fast; batches are repetitive JSON).
 const ZSTD_LEVEL: i32 = 1;
 
@@ -447,6 +457,9 @@ pub struct Topics {
     pub ack: String,
     pub commands: String,
     pub replies: String,
+    /// `bundle/get` (device → fleet) and `bundle/chunk` (fleet → device).
+    pub bundle_get: String,
+    pub bundle_chunk: String,
 }
 
 impl Topics {
@@ -458,6 +471,8 @@ impl Topics {
             ack: t("ack"),
             commands: t("commands"),
             replies: t("replies"),
+            bundle_get: t(shared::delivery::GET_LEAF),
+            bundle_chunk: t(shared::delivery::CHUNK_LEAF),
         }
     }
 }
@@ -508,14 +523,57 @@ pub struct SyncHooks {
     pub commands: Arc<crate::command::Commands>,
 }
 
-/// Runs the sync until `shutdown`: connects (failing over across `cfg.urls`), publishes the
-/// outbox and applies the fleet's acks; on shutdown publishes the death message and
-/// disconnects. `wake` is notified by whoever appends to the outbox.
+/// What the sync does besides the outbox and commands (the service sets both).
+#[derive(Clone, Default)]
+pub struct SyncExtras {
+    /// Bundle downloads: chunk frames go to it, it asks for chunks through the sync.
+    pub downloads: Option<Arc<crate::download::Downloads>>,
+    /// Notified when the birth changed (a version activated, committed, rolled back).
+    pub birth_changed: Option<Arc<Notify>>,
+}
+
+/// [`run_with`] without downloads and birth updates.
 pub async fn run(
     cfg: SyncConfig,
     device_id: String,
     outbox: Outbox,
     hooks: SyncHooks,
+    counters: Arc<SyncCounters>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> Result<(), SyncError> {
+    run_with(
+        cfg,
+        device_id,
+        outbox,
+        hooks,
+        SyncExtras::default(),
+        counters,
+        wake,
+        shutdown,
+    )
+    .await
+}
+
+/// The retained birth payload, as of now.
+fn birth_payload(hooks: &SyncHooks, device_id: &str) -> Vec<u8> {
+    let mut birth = (hooks.status)();
+    birth.v = wire::VERSION;
+    birth.device = device_id.to_string();
+    birth.sent_at_ms = now_ms();
+    wire::to_json(&wire::Status::Online(birth))
+}
+
+/// Runs the sync until `shutdown`: connects (failing over across `cfg.urls`), publishes the
+/// outbox and applies the fleet's acks; on shutdown publishes the death message and
+/// disconnects. `wake` is notified by whoever appends to the outbox.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_with(
+    cfg: SyncConfig,
+    device_id: String,
+    outbox: Outbox,
+    hooks: SyncHooks,
+    extras: SyncExtras,
     counters: Arc<SyncCounters>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
@@ -547,7 +605,12 @@ pub async fn run(
         o.set_keep_alive(Duration::from_secs(cfg.keep_alive_secs));
         o.set_clean_session(true);
         let out_max = cfg.batch_max_bytes + cfg.batch_max_records * 160 + 64 * 1024;
-        o.set_max_packet_size(MAX_INCOMING_BYTES, out_max);
+        let in_max = if extras.downloads.is_some() {
+            MAX_CHUNK_PACKET_BYTES
+        } else {
+            MAX_INCOMING_BYTES
+        };
+        o.set_max_packet_size(in_max, out_max);
         o.set_last_will(LastWill::new(
             topics.status.clone(),
             death("connection-lost"),
@@ -592,6 +655,41 @@ pub async fn run(
         wake,
         pump_stop.clone(),
     ));
+    // birth updates: republished while connected (coalesced: one per 100 ms at most)
+    let birth_task = extras.birth_changed.clone().map(|changed| {
+        let (hooks, link, client, stop) = (
+            hooks.clone(),
+            link.clone(),
+            client.clone(),
+            pump_stop.clone(),
+        );
+        let (topic, device) = (topics.status.clone(), device_id.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = changed.notified() => {}
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if link.generation.load(Ordering::Acquire) == 0 {
+                    // the next connect publishes a fresh birth anyway
+                    continue;
+                }
+                let h = hooks.clone();
+                let d = device.clone();
+                let Ok(payload) = tokio::task::spawn_blocking(move || birth_payload(&h, &d)).await
+                else {
+                    continue;
+                };
+                if client
+                    .try_publish(topic.clone(), QoS::AtLeastOnce, true, payload)
+                    .is_err()
+                {
+                    tracing::warn!("sync: birth update dropped (queue full)");
+                }
+            }
+        })
+    });
 
     let mut idx = 0usize;
     let mut generation = 0u64;
@@ -615,16 +713,16 @@ pub async fn run(
                 let url = endpoints[idx % endpoints.len()].url.clone();
                 tracing::info!(%url, "sync: connected");
                 SyncCounters::set(&counters.current_broker, url);
-                for t in [&topics.ack, &topics.commands] {
+                let mut subscribe = vec![&topics.ack, &topics.commands];
+                if extras.downloads.is_some() {
+                    subscribe.push(&topics.bundle_chunk);
+                }
+                for t in subscribe {
                     if client.try_subscribe(t.clone(), QoS::AtLeastOnce).is_err() {
                         tracing::warn!(topic = %t, "sync: subscribe request dropped (queue full)");
                     }
                 }
-                let mut birth = (hooks.status)();
-                birth.v = wire::VERSION;
-                birth.device = device_id.clone();
-                birth.sent_at_ms = now_ms();
-                let payload = wire::to_json(&wire::Status::Online(birth));
+                let payload = birth_payload(&hooks, &device_id);
                 if client
                     .try_publish(topics.status.clone(), QoS::AtLeastOnce, true, payload)
                     .is_err()
@@ -633,8 +731,31 @@ pub async fn run(
                 }
                 link.generation.store(generation, Ordering::Release);
                 link.changed.notify_one();
+                if let Some(d) = &extras.downloads {
+                    let (c, topic) = (client.clone(), topics.bundle_get.clone());
+                    let publisher: crate::download::Publisher =
+                        Arc::new(move |req: &shared::delivery::ChunkRequest| {
+                            let Ok(body) = serde_json::to_vec(req) else {
+                                return false;
+                            };
+                            c.try_publish(topic.clone(), QoS::AtLeastOnce, false, body)
+                                .is_ok()
+                        });
+                    d.link_up(generation, publisher);
+                }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                if p.topic == topics.bundle_chunk {
+                    if let Some(d) = &extras.downloads {
+                        d.on_frame(p.payload.to_vec());
+                    }
+                    continue;
+                }
+                if p.payload.len() > MAX_INCOMING_BYTES {
+                    SyncCounters::bump(&counters.errors);
+                    tracing::warn!(topic = %p.topic, bytes = p.payload.len(), "sync: oversized message ignored");
+                    continue;
+                }
                 if p.topic == topics.ack {
                     match wire::parse_ack(&p.payload) {
                         Ok(a) if a.epoch != 0 && a.epoch != epoch => {
@@ -700,6 +821,9 @@ pub async fn run(
                     connected = false;
                     link.generation.store(0, Ordering::Release);
                     link.changed.notify_one();
+                    if let Some(d) = &extras.downloads {
+                        d.link_down();
+                    }
                 }
                 counters.connected.store(0, Ordering::Relaxed);
                 SyncCounters::bump(&counters.reconnects);
@@ -721,6 +845,12 @@ pub async fn run(
     }
     pump_stop.cancel();
     let _ = pump.await;
+    if let Some(t) = birth_task {
+        let _ = t.await;
+    }
+    if let Some(d) = &extras.downloads {
+        d.link_down();
+    }
     if connected {
         // clean shutdown: retained death, then DISCONNECT (so the last will is not sent)
         let _ = client.try_publish(

@@ -124,8 +124,15 @@ pub fn started_at_ms() -> u64 {
     *START.get_or_init(now_ms)
 }
 
-/// The retained birth message: this device, the agent version, the versions it serves.
-pub fn birth(device: &str, registry: &crate::runtime::Registry) -> shared::wire::Birth {
+/// The retained birth message: this device, its tags, the agent version, the versions it
+/// serves; an active version carries its model's phase from `phases` (model name ->
+/// `health_window` | `committed`, the store's state).
+pub fn birth(
+    device: &str,
+    registry: &crate::runtime::Registry,
+    tags: &std::collections::BTreeMap<String, String>,
+    phases: &std::collections::BTreeMap<String, String>,
+) -> shared::wire::Birth {
     let mut models: Vec<shared::wire::ModelVersion> = registry
         .all()
         .iter()
@@ -134,7 +141,7 @@ pub fn birth(device: &str, registry: &crate::runtime::Registry) -> shared::wire:
             version: l.version.clone(),
             release: Some(l.release),
             role: "active".into(),
-            phase: None,
+            phase: phases.get(&l.name).cloned(),
         })
         .collect();
     for c in registry.candidates() {
@@ -156,7 +163,7 @@ pub fn birth(device: &str, registry: &crate::runtime::Registry) -> shared::wire:
         models,
         started_at_ms: started_at_ms(),
         sent_at_ms: 0,
-        tags: Default::default(),
+        tags: tags.clone(),
     }
 }
 

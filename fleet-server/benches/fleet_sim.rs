@@ -231,7 +231,12 @@ async fn handle_directive(
                 error: Some(e.to_string()),
             };
             let _ = client
-                .publish(dev.topic("replies"), QoS::AtLeastOnce, false, wire::to_json(&reply))
+                .publish(
+                    dev.topic("replies"),
+                    QoS::AtLeastOnce,
+                    false,
+                    wire::to_json(&reply),
+                )
                 .await;
             return;
         }
@@ -244,7 +249,12 @@ async fn handle_directive(
         error: None,
     };
     let _ = client
-        .publish(dev.topic("replies"), QoS::AtLeastOnce, false, wire::to_json(&reply))
+        .publish(
+            dev.topic("replies"),
+            QoS::AtLeastOnce,
+            false,
+            wire::to_json(&reply),
+        )
         .await;
     match directive.action {
         Action::Install {
@@ -273,7 +283,11 @@ async fn handle_directive(
         }
         Action::Rollback { model, reason, .. } => {
             stats.rollbacks.fetch_add(1, Ordering::Relaxed);
-            let from = dev.models.iter().find(|m| m.name == model).and_then(|m| m.release);
+            let from = dev
+                .models
+                .iter()
+                .find(|m| m.name == model)
+                .and_then(|m| m.release);
             let batch = dev.events_batch(&[(
                 "rolled_back",
                 &model,
@@ -346,7 +360,11 @@ async fn handle_chunk(dev: &mut Device, client: &AsyncClient, stats: &Stats, pay
             &d.model,
             serde_json::json!({"release": d.release, "directive": d.directive}),
         ),
-        ("committed", &d.model, serde_json::json!({"release": d.release})),
+        (
+            "committed",
+            &d.model,
+            serde_json::json!({"release": d.release}),
+        ),
     ]);
     let _ = client
         .publish(dev.topic("records"), QoS::AtLeastOnce, false, batch)

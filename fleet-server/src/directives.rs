@@ -95,7 +95,7 @@ pub struct Issuer {
     lock: Mutex<u64>,
 }
 
-fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> IssueError + '_ {
+fn io<'p>(path: &'p Path, op: &'static str) -> impl FnOnce(std::io::Error) -> IssueError + 'p {
     move |source| IssueError::Io {
         path: path.to_path_buf(),
         op,

@@ -797,7 +797,16 @@ pub async fn run<S: IngestStore + 'static>(
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     let (client, events) = connect(&cfg, plain_options(&cfg)?);
-    run_with(cfg, client, events, store, counters, Arc::new(NoSink), shutdown).await
+    run_with(
+        cfg,
+        client,
+        events,
+        store,
+        counters,
+        Arc::new(NoSink),
+        shutdown,
+    )
+    .await
 }
 
 enum Control {

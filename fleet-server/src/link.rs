@@ -12,8 +12,11 @@ pub type Publisher = Arc<dyn Fn(&str, &str, Vec<u8>) -> bool + Send + Sync>;
 /// Topic leaf of signed directives (`<prefix>/<device>/commands`).
 pub const COMMANDS_LEAF: &str = "commands";
 
+/// What [`recorder`] keeps: (device, leaf, payload) per publish.
+pub type Recorded = Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>;
+
 /// A publisher that keeps what it was given (tests).
-pub fn recorder() -> (Publisher, Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>) {
+pub fn recorder() -> (Publisher, Recorded) {
     let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
     let s = sent.clone();
     let p: Publisher = Arc::new(move |device: &str, leaf: &str, payload: Vec<u8>| {

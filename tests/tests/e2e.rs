@@ -2,18 +2,26 @@
 
 #[path = "e2e/candidates.rs"]
 mod candidates;
+#[path = "e2e/directive_install.rs"]
+mod directive_install;
 #[path = "e2e/fleet.rs"]
 mod fleet;
 #[path = "e2e/fleetctl.rs"]
 mod fleetctl;
+#[path = "e2e/fleetctl_remote.rs"]
+mod fleetctl_remote;
 #[path = "e2e/health.rs"]
 mod health;
 #[path = "e2e/http.rs"]
 mod http;
 #[path = "e2e/install.rs"]
 mod install;
+#[path = "e2e/mosquitto_acl.rs"]
+mod mosquitto_acl;
 #[path = "e2e/mqtt.rs"]
 mod mqtt;
+#[path = "e2e/rollout.rs"]
+mod rollout;
 #[path = "e2e/service.rs"]
 mod service;
 #[path = "e2e/sync.rs"]

@@ -3,6 +3,7 @@
 //! up to [`MAX_RESPONSE_BYTES`], uploads streamed from a file, one deadline per request, and
 //! every failure naming the URL.
 
+use std::future::Future;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -10,10 +11,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, SizeHint};
-use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::header::{
+    HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST,
+};
 use hyper::{Method, Request};
 use serde_json::Value;
 
@@ -21,6 +24,8 @@ use serde_json::Value;
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// How long a TCP connect may take before the server counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an upload waits for the server's `100 Continue` before sending anyway.
+const CONTINUE_WAIT: Duration = Duration::from_secs(1);
 /// Size of the pieces an upload is read and sent in.
 const UPLOAD_CHUNK: usize = 64 * 1024;
 /// Longest server error message kept when the body is not the API's JSON error.
@@ -91,13 +96,20 @@ impl ServerUrl {
             return Err(bad("no query or fragment allowed"));
         }
         if authority.contains('@') {
-            return Err(bad("no user info allowed (give the token with --token or --token-file)"));
+            return Err(bad(
+                "no user info allowed (give the token with --token or --token-file)",
+            ));
         }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed '[' in host"))?;
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| bad("unclosed '[' in host"))?;
             match after {
                 "" => (h, None),
-                p => (h, Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ']'"))?)),
+                p => (
+                    h,
+                    Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ']'"))?),
+                ),
             }
         } else {
             match authority.rsplit_once(':') {
@@ -156,7 +168,7 @@ pub struct Client {
     runtime: tokio::runtime::Runtime,
 }
 
-type ReqBody = BoxBody<Bytes, std::io::Error>;
+type ReqBody = UnsyncBoxBody<Bytes, std::io::Error>;
 
 impl Client {
     /// A client of `server`, sending `token` as a bearer token if given; every request must
@@ -199,7 +211,9 @@ impl Client {
     pub fn post_json(&self, path: &str, body: &Value) -> Result<Reply, ClientError> {
         let bytes = Bytes::from(body.to_string());
         let len = bytes.len() as u64;
-        let body = Full::new(bytes).map_err(|never| match never {}).boxed();
+        let body = Full::new(bytes)
+            .map_err(|never| match never {})
+            .boxed_unsync();
         self.send(Method::POST, path, body, len, Some("application/json"))
     }
 
@@ -218,20 +232,39 @@ impl Client {
             });
         }
         let len = meta.len();
+        let (go, gate) = tokio::sync::oneshot::channel();
         let body = FileBody {
             file: f,
             remaining: len,
+            gate: Some(gate),
+            fallback: None,
         }
-        .boxed();
-        self.send(
+        .boxed_unsync();
+        self.send_raw(
             Method::POST,
             path,
             body,
             len,
             Some("application/octet-stream"),
+            Some(go),
         )
+        .and_then(|(status, bytes)| self.json_reply(&Method::POST, path, status, &bytes))
+        .map_err(|e| match e {
+            ClientError::File { message, .. } => ClientError::File {
+                path: file.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
     }
 
+    /// `GET path_and_query` of a non-JSON resource (`/metrics`): the body as text.
+    pub fn get_text(&self, path_and_query: &str) -> Result<String, ClientError> {
+        let (_, bytes) = self.send_raw(Method::GET, path_and_query, empty(), 0, None, None)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// [`Client::send_raw`], then the 2xx body parsed as JSON.
     fn send(
         &self,
         method: Method,
@@ -240,6 +273,49 @@ impl Client {
         len: u64,
         content_type: Option<&str>,
     ) -> Result<Reply, ClientError> {
+        let (status, bytes) = self.send_raw(method.clone(), path, body, len, content_type, None)?;
+        self.json_reply(&method, path, status, &bytes)
+    }
+
+    /// A 2xx body as JSON (`null` when empty).
+    fn json_reply(
+        &self,
+        method: &Method,
+        path: &str,
+        status: u16,
+        bytes: &[u8],
+    ) -> Result<Reply, ClientError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Reply {
+                status,
+                json: Value::Null,
+            });
+        }
+        let json = serde_json::from_slice(bytes).map_err(|_| ClientError::Protocol {
+            method: method.to_string(),
+            url: self.server.url(path),
+            reason: format!(
+                "HTTP {status} with a body that is not JSON: {}",
+                snippet(bytes)
+            ),
+        })?;
+        Ok(Reply { status, json })
+    }
+
+    /// Sends one request; a 2xx answer is returned as status and body, anything else is
+    /// [`ClientError::Status`] with the server's `error` message. With `expect_continue`,
+    /// the request carries `Expect: 100-continue` and the sender is fired on the server's
+    /// `100 Continue` (the body waits for it, see [`FileBody`]), so a server that refuses
+    /// the request (401, 403, 413) answers before any of the body is sent.
+    fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: ReqBody,
+        len: u64,
+        content_type: Option<&str>,
+        expect_continue: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
         let url = self.server.url(path);
         let target = format!("{}{path}", self.server.prefix);
         let protocol = |reason: String| ClientError::Protocol {
@@ -257,17 +333,29 @@ impl Client {
             builder = builder.header(CONTENT_TYPE, ct);
         }
         if let Some(t) = &self.token {
-            let value = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
-                ClientError::BadUrl {
+            let value =
+                HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| ClientError::BadUrl {
                     url: self.server.base(),
                     reason: "the token contains characters not allowed in an HTTP header".into(),
-                }
-            })?;
+                })?;
             builder = builder.header(AUTHORIZATION, value);
         }
-        let request = builder
+        if expect_continue.is_some() {
+            builder = builder.header(EXPECT, "100-continue");
+        }
+        let mut request = builder
             .body(body)
             .map_err(|e| protocol(format!("cannot build the request: {e}")))?;
+        if let Some(go) = expect_continue {
+            let go = std::sync::Mutex::new(Some(go));
+            hyper::ext::on_informational(&mut request, move |res| {
+                if res.status() == hyper::StatusCode::CONTINUE {
+                    if let Some(go) = go.lock().ok().and_then(|mut g| g.take()) {
+                        let _ = go.send(());
+                    }
+                }
+            });
+        }
         let exchange = exchange(&self.server, request, &url, &method);
         let (status, bytes) = self
             .runtime
@@ -276,20 +364,10 @@ impl Client {
                 url: url.clone(),
                 secs: self.timeout.as_secs(),
             })??;
-        let json: Option<Value> = if bytes.iter().all(u8::is_ascii_whitespace) {
-            Some(Value::Null)
-        } else {
-            serde_json::from_slice(&bytes).ok()
-        };
         if (200..300).contains(&status) {
-            let json = json.ok_or_else(|| {
-                protocol(format!(
-                    "HTTP {status} with a body that is not JSON: {}",
-                    snippet(&bytes)
-                ))
-            })?;
-            return Ok(Reply { status, json });
+            return Ok((status, bytes));
         }
+        let json: Option<Value> = serde_json::from_slice(&bytes).ok();
         let message = json
             .as_ref()
             .and_then(|j| j.get("error"))
@@ -330,7 +408,7 @@ fn snippet(bytes: &[u8]) -> String {
 fn empty() -> ReqBody {
     Full::new(Bytes::new())
         .map_err(|never| match never {})
-        .boxed()
+        .boxed_unsync()
 }
 
 /// Connects, sends `request` and reads the answer (at most [`MAX_RESPONSE_BYTES`]).
@@ -381,7 +459,9 @@ async fn exchange(
             .await
             .map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
-                    protocol(format!("the answer is larger than {MAX_RESPONSE_BYTES} bytes"))
+                    protocol(format!(
+                        "the answer is larger than {MAX_RESPONSE_BYTES} bytes"
+                    ))
                 } else {
                     protocol(format!("the answer was cut off: {e}"))
                 }
@@ -416,10 +496,13 @@ struct UploadError(String);
 
 /// A request body read from a file in [`UPLOAD_CHUNK`] pieces, exactly `remaining` bytes.
 /// The reads are blocking: the client runs one request at a time on its own runtime, and
-/// the file is local.
+/// the file is local. Nothing is sent until `gate` fires (the server's `100 Continue`) or
+/// [`CONTINUE_WAIT`] passed since the first poll (a server that ignores `Expect`).
 struct FileBody {
     file: std::fs::File,
     remaining: u64,
+    gate: Option<tokio::sync::oneshot::Receiver<()>>,
+    fallback: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Body for FileBody {
@@ -428,11 +511,22 @@ impl Body for FileBody {
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
         if this.remaining == 0 {
             return Poll::Ready(None);
+        }
+        if let Some(gate) = this.gate.as_mut() {
+            let fallback = this
+                .fallback
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(CONTINUE_WAIT)));
+            // a closed gate (the request is over) also lets the body go: hyper stops polling
+            if Pin::new(gate).poll(cx).is_pending() && fallback.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.gate = None;
+            this.fallback = None;
         }
         let want = usize::try_from(this.remaining)
             .unwrap_or(UPLOAD_CHUNK)
@@ -482,11 +576,17 @@ mod tests {
     #[test]
     fn server_urls_parse_or_name_the_problem() {
         let u = ServerUrl::parse("http://127.0.0.1:8080").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.prefix.as_str()), ("127.0.0.1", 8080, ""));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.prefix.as_str()),
+            ("127.0.0.1", 8080, "")
+        );
         assert_eq!(u.url("/v1/health"), "http://127.0.0.1:8080/v1/health");
         let u = ServerUrl::parse("http://fleet.example/admin/").unwrap();
         assert_eq!((u.port, u.prefix.as_str()), (80, "/admin"));
-        assert_eq!(u.url("/v1/devices"), "http://fleet.example:80/admin/v1/devices");
+        assert_eq!(
+            u.url("/v1/devices"),
+            "http://fleet.example:80/admin/v1/devices"
+        );
         let u = ServerUrl::parse("http://[::1]:9000").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 9000));
         assert_eq!(u.base(), "http://[::1]:9000");

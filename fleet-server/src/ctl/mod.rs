@@ -2,8 +2,10 @@
 
 pub mod build;
 pub mod bundle;
+pub mod client;
 pub mod keys;
 pub mod mlflow;
+pub mod remote;
 mod table;
 
 use std::io::Write;
@@ -41,6 +43,9 @@ pub enum CtlError {
         unmet: Vec<shared::metrics::Outcome>,
         total: usize,
     },
+    /// A remote command failed (see [`remote::EXIT_CODES_HELP`]).
+    #[error(transparent)]
+    Remote(#[from] remote::RemoteError),
 }
 
 impl CtlError {
@@ -51,6 +56,7 @@ impl CtlError {
             CtlError::Data(_) | CtlError::Rejected(_) => EXIT_DATA,
             CtlError::CantCreate { .. } => EXIT_CANT_CREATE,
             CtlError::Signoff { .. } => EXIT_SIGNOFF,
+            CtlError::Remote(e) => e.exit_code(),
         }
     }
 
@@ -62,6 +68,7 @@ impl CtlError {
             CtlError::Rejected(_) => "rejected",
             CtlError::CantCreate { .. } => "cannot_create",
             CtlError::Signoff { .. } => "signoff",
+            CtlError::Remote(e) => e.kind(),
         }
     }
 
@@ -85,6 +92,9 @@ impl CtlError {
     }
 
     pub fn to_json(&self) -> Value {
+        if let CtlError::Remote(e) = self {
+            return e.to_json();
+        }
         let mut err = json!({"kind": self.kind(), "message": self.to_string()});
         if let CtlError::Signoff { unmet, total } = self {
             err["unmet"] = json!(unmet
@@ -113,12 +123,15 @@ pub struct Output {
 #[command(
     name = "fleetctl",
     version,
-    about = "Admin CLI for edge-ml: keys, keyrings, signed model bundles"
+    about = "Admin CLI for edge-ml: keys, keyrings, signed model bundles; devices, bundles, rollouts and the audit log on a fleet server",
+    after_help = remote::EXIT_CODES_HELP
 )]
 pub struct Cli {
     /// Print machine-readable JSON on standard output (results and errors).
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub remote: remote::RemoteOpts,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -137,9 +150,23 @@ pub enum Command {
     /// Manage the root-signed keyring of bundle-signing keys.
     #[command(subcommand)]
     Keyring(KeyringCommand),
-    /// Build, verify and inspect signed model bundles.
+    /// Build, verify and inspect signed model bundles; push, list, show and approve them on
+    /// the fleet server.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Check that the fleet server answers (and, with a token, that it is accepted).
+    Health,
+    /// Devices known to the fleet server.
+    #[command(subcommand)]
+    Devices(remote::DevicesCommand),
+    /// Staged rollouts of a bundle to devices.
+    #[command(subcommand)]
+    Rollout(remote::RolloutCommand),
+    /// Roll a model back to its previous version on every (or every matching) device.
+    Rollback(remote::FleetRollbackArgs),
+    /// The fleet server's audit log of admin actions.
+    #[command(subcommand)]
+    Audit(remote::AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -202,6 +229,23 @@ pub enum BundleCommand {
         #[arg(value_name = "FILE.bundle")]
         bundle: PathBuf,
     },
+    /// Upload a bundle to the fleet server (it checks the signature and the signoff policy).
+    Push {
+        #[arg(value_name = "FILE.bundle")]
+        file: PathBuf,
+    },
+    /// List the bundles stored on the fleet server.
+    List,
+    /// Show a stored bundle and its signoff state.
+    Show {
+        #[arg(value_name = "NAME@VERSION")]
+        bundle: String,
+    },
+    /// Approve a stored bundle (role admin; not the admin who uploaded it).
+    Approve {
+        #[arg(value_name = "NAME@VERSION")]
+        bundle: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -221,18 +265,13 @@ pub struct VerifyArgs {
 
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> i32 {
-    let result = match cli.command {
-        Command::Keygen { out, force } => keys::keygen(&out, force),
-        Command::Keyring(cmd) => keys::keyring(cmd),
-        Command::Bundle(BundleCommand::Build(args)) => build::build(&args),
-        Command::Bundle(BundleCommand::Verify(args)) => bundle::verify(&args),
-        Command::Bundle(BundleCommand::Inspect { bundle }) => bundle::inspect(&bundle),
-    };
+    let json = cli.json;
+    let result = execute(cli);
     // Output errors (a closed pipe) are ignored: the exit code still tells the outcome.
     let mut stdout = std::io::stdout().lock();
     match result {
         Ok(out) => {
-            if cli.json {
+            if json {
                 let _ = writeln!(stdout, "{}", pretty(&out.json));
             } else if !out.human.is_empty() {
                 let _ = writeln!(stdout, "{}", out.human);
@@ -240,12 +279,36 @@ pub fn run(cli: Cli) -> i32 {
             0
         }
         Err(err) => {
-            if cli.json {
+            if json {
                 let _ = writeln!(stdout, "{}", pretty(&err.to_json()));
             }
             let _ = writeln!(std::io::stderr(), "fleetctl: {}", err.render());
             err.exit_code()
         }
+    }
+}
+
+/// Runs a parsed command line; returns what it reports (printing nothing, except the
+/// intermediate states of `rollout status --watch`).
+pub fn execute(cli: Cli) -> Result<Output, CtlError> {
+    let o = &cli.remote;
+    match cli.command {
+        Command::Keygen { out, force } => keys::keygen(&out, force),
+        Command::Keyring(cmd) => keys::keyring(cmd),
+        Command::Bundle(BundleCommand::Build(args)) => build::build(&args),
+        Command::Bundle(BundleCommand::Verify(args)) => bundle::verify(&args),
+        Command::Bundle(BundleCommand::Inspect { bundle }) => bundle::inspect(&bundle),
+        Command::Bundle(BundleCommand::Push { file }) => Ok(remote::bundle_push(o, &file)?),
+        Command::Bundle(BundleCommand::List) => Ok(remote::bundle_list(o)?),
+        Command::Bundle(BundleCommand::Show { bundle }) => Ok(remote::bundle_show(o, &bundle)?),
+        Command::Bundle(BundleCommand::Approve { bundle }) => {
+            Ok(remote::bundle_approve(o, &bundle)?)
+        }
+        Command::Health => Ok(remote::health(o)?),
+        Command::Devices(cmd) => Ok(remote::devices(o, cmd)?),
+        Command::Rollout(cmd) => Ok(remote::rollout(o, cli.json, cmd)?),
+        Command::Rollback(args) => Ok(remote::fleet_rollback(o, &args)?),
+        Command::Audit(cmd) => Ok(remote::audit(o, cmd)?),
     }
 }
 

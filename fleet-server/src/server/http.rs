@@ -15,10 +15,15 @@ use axum::Router;
 use super::config::{Token, ROLES};
 use crate::ingest::IngestCounters;
 
+/// Renders more Prometheus text for `/metrics` (registry, delivery, rollouts, alerts).
+pub type MetricsSource = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// What the handlers share.
 pub struct AppState {
     pub tokens: Vec<Token>,
     pub counters: Arc<IngestCounters>,
+    /// Appended to the ingest counters on `/metrics`, in order.
+    pub metrics: Vec<MetricsSource>,
 }
 
 /// An API error: status and a JSON `{"error": ...}` body.
@@ -55,15 +60,19 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The API's routes.
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+/// The API's routes: health and metrics, plus the resource routers (`resources`, each with
+/// its state applied), all behind the token guard and the JSON 404/405 fallbacks.
+pub fn router(state: Arc<AppState>, resources: Vec<Router>) -> Router {
+    let mut r = Router::new()
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
-        .fallback(not_found)
+        .with_state(state.clone());
+    for extra in resources {
+        r = r.merge(extra);
+    }
+    r.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(state, guard))
 }
 
 /// The role a path needs; `None`: open.
@@ -236,14 +245,30 @@ pub fn render_metrics(c: &IngestCounters) -> String {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        render_metrics(&s.counters),
-    )
-        .into_response()
+    // the sources read the state database: off the async threads
+    let text = tokio::task::spawn_blocking(move || {
+        let mut text = render_metrics(&s.counters);
+        for m in &s.metrics {
+            text.push_str(&m());
+        }
+        text
+    })
+    .await;
+    match text {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rendering metrics failed: {e}"),
+        )
+        .into_response(),
+    }
 }
 
 #[cfg(test)]

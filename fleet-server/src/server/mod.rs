@@ -6,6 +6,7 @@ pub mod api;
 pub mod broker;
 pub mod config;
 pub mod http;
+pub mod sink;
 pub mod tls;
 
 use std::io::{Read, Write};
@@ -16,7 +17,15 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::Alerts;
+use crate::audit::AuditLog;
+use crate::bundles::BundleStore;
+use crate::delivery::Delivery;
+use crate::directives::Issuer;
 use crate::ingest::{self, FileStore, IngestConfig, IngestCounters};
+use crate::registry::{Registry, TagSelector};
+use crate::rollout::Rollouts;
+use crate::store::Db;
 use broker::{BrokerError, BrokerLimits, EmbeddedBroker};
 use config::{BrokerChoice, Config, Token};
 
@@ -45,6 +54,22 @@ pub enum ServerError {
     Store(#[from] ingest::StoreError),
     #[error("ingest: {0}")]
     Ingest(#[from] ingest::IngestError),
+    #[error(transparent)]
+    State(#[from] crate::store::StoreError),
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("registry: {0}")]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error("bundle store: {0}")]
+    Bundles(#[from] crate::bundles::BundleError),
+    #[error("directive key: {0}")]
+    Directives(#[from] crate::directives::IssueError),
+    #[error("rollouts: {0}")]
+    Rollouts(#[from] crate::rollout::RolloutError),
+    #[error("alerts: {0}")]
+    Alerts(#[from] crate::alerts::AlertError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("admin API on {addr}: {source}")]
     Http {
         addr: String,
@@ -153,23 +178,158 @@ pub async fn run(
         }
     };
 
+    // the state database and the modules on it
+    let db = Db::open(&state_dir)?;
+    let (audit, report) = AuditLog::open(&state_dir.join("audit.jsonl"))?;
+    tracing::info!(report = ?report, "audit log open");
+    let registry = Arc::new(Registry::open(db.clone())?);
+    let bundles = Arc::new(BundleStore::open(
+        db.clone(),
+        state_dir.join("bundles"),
+        &config.bundles,
+    )?);
+    let issuer = Arc::new(Issuer::open(&config.directives, &state_dir, db.clone())?);
+    tracing::info!(key = %issuer.key_path().display(), "directive signing key (give its .pub to the agents' [sync] directive_keys)");
+    let alerts = Arc::new(Alerts::new(&config.alerts)?);
+
+    // one MQTT connection for the ingest, status, replies and directives; a second one with
+    // a small queue for bundle chunks, so that chunk frames waiting to be sent stay bounded
     let counters = Arc::new(IngestCounters::default());
     let mut icfg = IngestConfig::new(&url);
     icfg.topic_prefix = config.topic_prefix.clone();
     if let Some(id) = config.mqtt.as_ref().and_then(|m| m.client_id.clone()) {
         icfg.client_id = id;
     }
+    let opts = tls::mqtt_options(&url, &icfg.client_id, config.mqtt.as_ref())?;
+    let (client, events) = ingest::connect(&icfg, opts);
+    let publisher = ingest::publisher(&client, &config.topic_prefix);
+    let mut dopts = tls::mqtt_options(
+        &url,
+        &format!("{}-delivery", icfg.client_id),
+        config.mqtt.as_ref(),
+    )?;
+    dopts.set_keep_alive(icfg.keep_alive);
+    let max_frame = config.bundles.chunk_bytes + 16 * 1024;
+    dopts.set_max_packet_size(max_frame, max_frame);
+    let (dclient, mut devents) = rumqttc::AsyncClient::new(dopts, DELIVERY_QUEUE);
     let stop = CancellationToken::new();
-    let mut ingest_task = tokio::spawn(ingest::run(icfg, store, counters.clone(), stop.clone()));
+    let dstop = stop.clone();
+    let delivery_loop = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = dstop.cancelled() => break,
+                ev = devents.poll() => if let Err(e) = ev {
+                    tracing::warn!(error = %e, "bundle delivery: mqtt connection error");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
+    let delivery = Arc::new(Delivery::new(
+        bundles.clone(),
+        u32::try_from(config.bundles.chunk_bytes)
+            .unwrap_or(shared::delivery::DEFAULT_CHUNK_BYTES as u32),
+        blocking_publisher(dclient.clone(), &config.topic_prefix),
+    ));
+    let rollouts = Arc::new(Rollouts::open(
+        db.clone(),
+        issuer,
+        publisher,
+        Some(alerts.clone()),
+    )?);
+    tokio::spawn(alerts.clone().run(stop.clone()));
+    let sink = Arc::new(sink::FleetSink {
+        registry: registry.clone(),
+        rollouts: rollouts.clone(),
+        delivery: delivery.clone(),
+        alerts: alerts.clone(),
+    });
+    let mut ingest_task = tokio::spawn(ingest::run_with(
+        icfg,
+        client,
+        events,
+        store,
+        counters.clone(),
+        sink,
+        stop.clone(),
+    ));
     tracing::info!(dir = %store_dir.display(), "ingest storing records");
+
+    // deadlines, promotions and re-sends
+    let tick_rollouts = rollouts.clone();
+    let tick_stop = stop.clone();
+    let tick_every = Duration::from_millis(config.rollouts.tick_ms);
+    let tick_task = tokio::spawn(async move {
+        let mut every = tokio::time::interval(tick_every);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick_stop.cancelled() => break,
+                _ = every.tick() => {}
+            }
+            let r = tick_rollouts.clone();
+            match tokio::task::spawn_blocking(move || r.tick(crate::directives::now_ms())).await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "rollouts: tick failed"),
+                Err(e) => tracing::warn!(error = %e, "rollouts: tick panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+    });
 
     let http_addr = http
         .local_addr()
         .map_or_else(|_| config.http.listen.clone(), |a| a.to_string());
-    let app = http::router(Arc::new(http::AppState {
-        tokens,
-        counters: counters.clone(),
-    }));
+    let resources = vec![
+        api::devices::router(Arc::new(api::devices::DevicesState {
+            tokens: tokens.clone(),
+            registry: registry.clone(),
+            ingest_root: store_dir.clone(),
+        })),
+        api::bundles::router(Arc::new(api::bundles::BundlesState {
+            tokens: tokens.clone(),
+            store: bundles.clone(),
+            audit: audit.clone(),
+        })),
+        api::rollouts::router(Arc::new(api::rollouts::RolloutsState {
+            tokens: tokens.clone(),
+            rollouts: rollouts.clone(),
+            audit: audit.clone(),
+            resolve_bundle: resolve_bundle(bundles.clone()),
+            resolve_targets: resolve_targets(registry.clone()),
+            model_devices: model_devices(registry.clone()),
+            default_wave_timeout_secs: config.rollouts.default_wave_timeout_secs,
+        })),
+        api::audit::router(Arc::new(api::audit::AuditState {
+            tokens: tokens.clone(),
+            audit: audit.clone(),
+        })),
+    ];
+    let metrics: Vec<http::MetricsSource> = vec![
+        {
+            let r = registry.clone();
+            Arc::new(move || sink::registry_metrics(&r))
+        },
+        {
+            let d = delivery.clone();
+            Arc::new(move || sink::delivery_metrics(&d))
+        },
+        {
+            let r = rollouts.clone();
+            Arc::new(move || r.render_metrics())
+        },
+        {
+            let a = alerts.clone();
+            Arc::new(move || a.render_metrics())
+        },
+    ];
+    let app = http::router(
+        Arc::new(http::AppState {
+            tokens,
+            counters: counters.clone(),
+            metrics,
+        }),
+        resources,
+    );
     let http_stop = stop.clone();
     let mut http_task = tokio::spawn(async move {
         axum::serve(http, app)
@@ -223,11 +383,99 @@ pub async fn run(
         http_task.abort();
         ingest_task.abort();
     }
+    let _ = tick_task.await;
+    let _ = dclient.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), delivery_loop).await;
+    // flush the store last: the registry's pending writes, then everything sled holds
+    let flushed = tokio::task::spawn_blocking(move || {
+        let r = registry.flush();
+        let d = db.flush();
+        (r, d)
+    })
+    .await;
+    match flushed {
+        Ok((Err(e), _)) => tracing::error!(error = %e, "registry: final flush failed"),
+        Ok((_, Err(e))) => tracing::error!(error = %e, "state database: final flush failed"),
+        Err(e) => tracing::error!(error = %e, "final flush panicked"),
+        Ok(_) => {}
+    }
     if let Some(mut b) = embedded {
         b.stop().await;
     }
     tracing::info!("stopped");
     result
+}
+
+/// Chunk frames waiting for the delivery connection (each up to `bundles.chunk_bytes`).
+const DELIVERY_QUEUE: usize = 32;
+
+/// A publisher for bundle delivery's worker threads (tokio's blocking pool): waits up to 30 s
+/// for room in the delivery connection's small queue (backpressure, bounded memory) instead
+/// of failing when it is full. Must not be called on a runtime worker thread.
+fn blocking_publisher(client: rumqttc::AsyncClient, prefix: &str) -> crate::link::Publisher {
+    let prefix = prefix.to_string();
+    let handle = tokio::runtime::Handle::current();
+    Arc::new(move |device: &str, leaf: &str, payload: Vec<u8>| {
+        let topic = format!("{prefix}/{device}/{leaf}");
+        let publish = client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload);
+        // delivery calls this on blocking-pool threads only (never a runtime worker)
+        handle
+            .block_on(async { tokio::time::timeout(Duration::from_secs(30), publish).await })
+            .is_ok_and(|r| r.is_ok())
+    })
+}
+
+fn resolve_bundle(store: Arc<BundleStore>) -> api::rollouts::ResolveBundle {
+    use axum::http::StatusCode;
+    Arc::new(move |name: &str, version: &str| {
+        let rec = store.get(name, version).ok_or_else(|| {
+            (
+                StatusCode::NOT_FOUND,
+                format!("bundle {name}@{version} is not in the store (fleetctl bundle push)"),
+            )
+        })?;
+        if !rec.is_ready() {
+            return Err((
+                StatusCode::CONFLICT,
+                format!(
+                    "bundle {name}@{version} is {}, not ready: {}",
+                    rec.signoff.state,
+                    rec.signoff.problems.join("; ")
+                ),
+            ));
+        }
+        Ok(crate::rollout::BundleRef {
+            name: rec.name.clone(),
+            version: rec.version.clone(),
+            release: rec.release,
+            sha256: rec.sha256.clone(),
+            bytes: rec.bytes,
+            model: rec.name,
+        })
+    })
+}
+
+fn resolve_targets(registry: Arc<Registry>) -> api::rollouts::ResolveTargets {
+    Arc::new(move |selector: &str| {
+        let sel = TagSelector::parse(selector).map_err(|e| e.to_string())?;
+        let mut ids = registry.ids(&sel);
+        ids.sort();
+        Ok(ids)
+    })
+}
+
+fn model_devices(registry: Arc<Registry>) -> api::rollouts::ResolveModelDevices {
+    Arc::new(move |model: &str, selector: Option<&str>| {
+        let sel = TagSelector::parse(selector.unwrap_or("")).map_err(|e| e.to_string())?;
+        let mut ids: Vec<String> = registry
+            .list(&sel, None, usize::MAX)
+            .into_iter()
+            .filter(|d| d.models.iter().any(|m| m.name == model))
+            .map(|d| d.id)
+            .collect();
+        ids.sort();
+        Ok(ids)
+    })
 }
 
 #[cfg(test)]

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use e2e_tests::{
-    bin, build_bundle, free_port, http, pdm, run_ok, scratch, wait_until, ChildGuard,
-    PDM_FEATURES,
+    bin, build_bundle, free_port, http, pdm, run_ok, scratch, wait_until, ChildGuard, PDM_FEATURES,
 };
 use serde_json::{json, Value};
 
@@ -245,8 +244,20 @@ ack_timeout_ms = 2000
 /// returns NaN for negative readings).
 fn keys_and_bundles(d: &Path) {
     run_ok(d, "fleetctl", &["keygen", "--out", "root"]);
-    build_bundle(d, &pdm().join("model.onnx"), "pdm-failure", "1", "p1.bundle");
-    build_bundle(d, &pdm().join("model.onnx"), "pdm-failure", "2", "p2.bundle");
+    build_bundle(
+        d,
+        &pdm().join("model.onnx"),
+        "pdm-failure",
+        "1",
+        "p1.bundle",
+    );
+    build_bundle(
+        d,
+        &pdm().join("model.onnx"),
+        "pdm-failure",
+        "2",
+        "p2.bundle",
+    );
     std::fs::write(
         d.join("scale.onnx"),
         shared::engine::testing::scaler_model(6, Some(&PDM_FEATURES)),
@@ -384,7 +395,9 @@ fn rollout_a_silent_canary_fails_its_wave_at_the_deadline() {
     let dev = &r["devices"]["dev-a"];
     assert_eq!(dev["state"], "failed", "{dev:#}");
     assert!(
-        dev["reason"].as_str().is_some_and(|s| s.contains("deadline")),
+        dev["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("deadline")),
         "{dev:#}"
     );
     for a in &agents {
@@ -409,8 +422,8 @@ fn rollout_survives_a_fleet_server_kill_9_and_completes() {
     // kill -9 as soon as the canary has committed (the second wave is being issued or about
     // to be)
     assert!(
-        wait_until(Duration::from_secs(90), || fleet.rollout(&id)["devices"]["dev-a"]
-            ["state"]
+        wait_until(Duration::from_secs(90), || fleet.rollout(&id)["devices"]
+            ["dev-a"]["state"]
             == "committed"),
         "the canary did not commit: {:#}",
         fleet.rollout(&id)
