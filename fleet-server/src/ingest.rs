@@ -195,6 +195,9 @@ pub struct IngestCounters {
     pub epoch_changes: AtomicU64,
     /// Batches of an earlier epoch, refused.
     pub stale_epoch: AtomicU64,
+    /// Records the devices reported dropped (cap, TTL, I/O), summed over devices: the
+    /// increase of their cumulative drop counters as batches report them.
+    pub device_drops: AtomicU64,
 }
 
 /// The result of one batch.
@@ -324,6 +327,10 @@ impl<S: IngestStore> Ingest<S> {
                 io: known.io.max(reported.io),
             };
             if merged != *known {
+                let added = merged.total().saturating_sub(known.total());
+                self.counters
+                    .device_drops
+                    .fetch_add(added, Ordering::Relaxed);
                 *known = merged;
                 drops_changed = true;
             }
@@ -1180,6 +1187,8 @@ mod tests {
         assert_eq!(seqs(root), vec![1, 2, 3, 4, 6, 7]);
         assert_eq!(counters.duplicates.load(Ordering::Relaxed), 4);
         assert_eq!(counters.gaps.load(Ordering::Relaxed), 1);
+        // the device reported one drop (seq 5), counted once however often it repeats it
+        assert_eq!(counters.device_drops.load(Ordering::Relaxed), 1);
         let err = ing.handle("d2", batch(0, &[1], 0)).unwrap_err();
         assert!(err.to_string().contains("\"d1\""), "{err}");
         drop(ing);

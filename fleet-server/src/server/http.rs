@@ -158,7 +158,7 @@ async fn method_not_allowed(req: Request) -> ApiError {
 }
 
 /// The ingest counters (name without the `fleet_ingest_` prefix and `_total` suffix, help).
-fn counter_list(c: &IngestCounters) -> [(&'static str, &'static str, u64); 14] {
+fn counter_list(c: &IngestCounters) -> [(&'static str, &'static str, u64); 15] {
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     [
         ("batches", "Record batches received.", l(&c.batches)),
@@ -218,6 +218,11 @@ fn counter_list(c: &IngestCounters) -> [(&'static str, &'static str, u64); 14] {
             "stale_epoch",
             "Batches of an earlier outbox epoch refused.",
             l(&c.stale_epoch),
+        ),
+        (
+            "device_drops",
+            "Records the devices reported dropped before delivery (cap, TTL, I/O).",
+            l(&c.device_drops),
         ),
     ]
 }

@@ -26,11 +26,18 @@ struct Fleet {
 
 impl Fleet {
     fn start(dir: &Path) -> Fleet {
+        Fleet::start_with(dir, "", None)
+    }
+
+    /// With more config (`extra`, appended; it may not repeat the sections above) and, when
+    /// tokens are configured there, the admin token to use.
+    fn start_with(dir: &Path, extra: &str, token: Option<&str>) -> Fleet {
         let (http_port, broker) = (free_port(), free_port());
         std::fs::write(
             dir.join("fleet.toml"),
             format!(
                 "state_dir = \"fleet-state\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\
+                 {extra}\n\
                  [broker]\nlisten = \"127.0.0.1:{broker}\"\n\
                  [bundles]\ntrust_root = \"root.pub\"\nchunk_bytes = 65536\n\
                  [rollouts]\ntick_ms = 100\n"
@@ -45,11 +52,30 @@ impl Fleet {
             child: Fleet::spawn(dir),
         };
         f.wait_healthy();
-        f.token = std::fs::read_to_string(dir.join("fleet-state/admin-token"))
-            .unwrap()
-            .trim()
-            .to_string();
+        f.token = match token {
+            Some(t) => t.to_string(),
+            None => std::fs::read_to_string(dir.join("fleet-state/admin-token"))
+                .unwrap()
+                .trim()
+                .to_string(),
+        };
         f
+    }
+
+    /// `fleetctl --server .. --token TOKEN ARGS`: (exit code, stdout, stderr).
+    fn ctl(&self, token: &str, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin("fleetctl"))
+            .current_dir(&self.dir)
+            .args(["--server", &format!("http://127.0.0.1:{}", self.http)])
+            .args(["--token", token])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     fn spawn(dir: &Path) -> ChildGuard {
@@ -451,4 +477,136 @@ fn rollout_survives_a_fleet_server_kill_9_and_completes() {
             .unwrap_or_default();
         assert_eq!(m["release"], 2, "{dev:#}");
     }
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    shared::trust::hex(&sha2::Sha256::digest(s.as_bytes()))
+}
+
+#[test]
+fn rollout_with_fleetctl_roles_second_admin_approval_and_audit() {
+    let tmp = scratch();
+    let d = tmp.path();
+    keys_and_bundles(d);
+    let (alice, bob, eve) = (
+        "alice-token-0123456789abcdef0123456789",
+        "bob-token-0123456789abcdef0123456789ab",
+        "eve-token-0123456789abcdef0123456789abc",
+    );
+    let tokens = format!(
+        "[[http.tokens]]\nname = \"alice\"\nsha256 = \"{}\"\nrole = \"admin\"\n\
+         [[http.tokens]]\nname = \"bob\"\nsha256 = \"{}\"\nrole = \"admin\"\n\
+         [[http.tokens]]\nname = \"eve\"\nsha256 = \"{}\"\nrole = \"viewer\"\n\
+         [[bundles.signoff]]\nmodel = \"pdm-failure\"\napprovals = 1\n",
+        sha256_hex(alice),
+        sha256_hex(bob),
+        sha256_hex(eve)
+    );
+    let fleet = Fleet::start_with(d, &tokens, Some(alice));
+    let agent = Agent::start(d, "dev-a", &fleet, "p1.bundle");
+    assert!(wait_until(Duration::from_secs(30), || fleet.online() == 1));
+
+    // the registry, through fleetctl
+    let (code, out, err) = fleet.ctl(
+        eve,
+        &["devices", "list", "--selector", "site=plant-a", "--json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["devices"][0]["id"], "dev-a", "{v:#}");
+    assert_eq!(v["devices"][0]["tags"]["line"], "3", "{v:#}");
+    let (code, out, err) = fleet.ctl(eve, &["devices", "show", "dev-a"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("dev-a") && out.contains("pdm-failure"),
+        "{out}"
+    );
+
+    // a viewer may not push; the uploader may not approve their own bundle
+    let p2 = d.join("p2.bundle").display().to_string();
+    let (code, _, err) = fleet.ctl(eve, &["bundle", "push", &p2]);
+    assert_eq!(code, 77, "{err}");
+    let (code, out, err) = fleet.ctl(alice, &["bundle", "push", &p2, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["signoff"]["state"], "awaiting_approval", "{v:#}");
+    let spec = [
+        "rollout",
+        "create",
+        "--bundle",
+        "pdm-failure@2.0",
+        "--target",
+        "site=plant-a",
+        "--waves",
+        "100%",
+        "--success-threshold",
+        "100%",
+        "--failure-threshold",
+        "0%",
+        "--wave-timeout",
+        "2m",
+        "--json",
+    ];
+    let (code, _, err) = fleet.ctl(alice, &spec);
+    assert_ne!(code, 0, "a bundle awaiting approval cannot be rolled out");
+    assert!(
+        err.contains("awaiting_approval") || err.contains("not ready"),
+        "{err}"
+    );
+    let (code, _, err) = fleet.ctl(alice, &["bundle", "approve", "pdm-failure@2.0"]);
+    assert_eq!(code, 77, "the uploader cannot approve: {err}");
+    let (code, _, err) = fleet.ctl(bob, &["bundle", "approve", "pdm-failure@2.0"]);
+    assert_eq!(code, 0, "{err}");
+
+    let (code, out, err) = fleet.ctl(alice, &spec);
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fleet.wait_state(&id, "completed", Duration::from_secs(90));
+    assert_eq!(agent.status("pdm-failure")["active"]["release"], 2);
+    let (code, out, _) = fleet.ctl(eve, &["rollout", "status", &id]);
+    assert_eq!(code, 0);
+    assert!(out.contains("completed"), "{out}");
+
+    // the audit log names who did what, and an edit is detected
+    let (code, out, err) = fleet.ctl(eve, &["audit", "list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let actions: Vec<(String, String, String)> = v["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["actor"].as_str().unwrap_or("").to_string(),
+                r["action"].as_str().unwrap_or("").to_string(),
+                r["result"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    for (actor, action, ok) in [
+        ("alice", "bundle.push", true),
+        ("alice", "rollout.create", false),
+        ("alice", "bundle.approve", false),
+        ("bob", "bundle.approve", true),
+        ("alice", "rollout.create", true),
+    ] {
+        assert!(
+            actions
+                .iter()
+                .any(|(a, n, r)| a == actor && n == action && (r == "ok") == ok),
+            "{actor} {action} ok={ok} not in {actions:?}"
+        );
+    }
+    let (code, _, err) = fleet.ctl(eve, &["audit", "verify"]);
+    assert_eq!(code, 0, "{err}");
+    let log = d.join("fleet-state/audit.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::write(&log, text.replacen("\"bob\"", "\"eve\"", 1)).unwrap();
+    let (code, out, err) = fleet.ctl(eve, &["audit", "verify"]);
+    assert_ne!(code, 0, "an edited record must fail verification: {out}");
+    assert!(err.contains("line") || out.contains("line"), "{err}{out}");
 }
