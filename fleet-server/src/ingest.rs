@@ -35,7 +35,12 @@
 //! [`FileStore`] is deliberately simple (per device: `devices/<id>/records.jsonl`, one
 //! `shared::wire::Record` JSON per line, append-only, and `devices/<id>/state.json`); the
 //! fleet server can replace it with another [`IngestStore`] (sled, a database) without
-//! touching the protocol logic in [`Ingest`]. Retention is not implemented here.
+//! touching the protocol logic in [`Ingest`]. Records go to segment files
+//! (`records.jsonl`, then `records.<n>.jsonl`, each up to `Retention::segment_bytes`); the
+//! state names the segment being appended to, so a crash while starting a new segment leaves
+//! an unnamed file that the next open deletes (its records were never acknowledged).
+//! Retention deletes whole closed segments by age or by the device's total size, never the
+//! segment being appended to; `state.json` counts what it deleted.
 //!
 //! The MQTT loop ([`run_with`]) also hands status messages, replies and chunk requests to a
 //! [`DeviceSink`] (the fleet server's registry, rollouts and bundle delivery), and the
@@ -138,6 +143,12 @@ pub struct DeviceState {
     /// Drops the device reported in earlier epochs, all classes and reasons.
     #[serde(default)]
     pub dropped_earlier: u64,
+    /// The records segment being appended to (FileStore bookkeeping; 0: `records.jsonl`).
+    #[serde(default)]
+    pub segment: u64,
+    /// Closed segments deleted by retention, and the records they held.
+    #[serde(default)]
+    pub retention_removed_segments: u64,
 }
 
 impl DeviceState {
@@ -416,11 +427,59 @@ fn now_ms() -> u64 {
 pub struct FileStore {
     root: PathBuf,
     states: HashMap<String, DeviceState>,
+    retention: Retention,
+}
+
+/// How much of each device's stored records the [`FileStore`] keeps. Records are appended
+/// to a segment file; once it holds `segment_bytes` the next commit starts a new one.
+/// Closed segments are deleted when older than `max_age` (by the time of their last write)
+/// or, oldest first, while the device's segments together exceed `max_bytes`. The segment
+/// being appended to is never deleted, so the newest records always stay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub segment_bytes: u64,
+    pub max_age: Option<Duration>,
+    pub max_bytes: Option<u64>,
+}
+
+impl Default for Retention {
+    fn default() -> Retention {
+        Retention {
+            segment_bytes: 64 * 1024 * 1024,
+            max_age: None,
+            max_bytes: None,
+        }
+    }
+}
+
+/// File name of records segment `n` (0 is `records.jsonl`, for stores from before segments).
+fn segment_name(n: u64) -> String {
+    if n == 0 {
+        "records.jsonl".into()
+    } else {
+        format!("records.{n:010}.jsonl")
+    }
+}
+
+/// The segment number of a file name, if it is a records segment.
+fn segment_of(name: &str) -> Option<u64> {
+    if name == "records.jsonl" {
+        return Some(0);
+    }
+    let n = name.strip_prefix("records.")?.strip_suffix(".jsonl")?;
+    (n.len() == 10 && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| n.parse().ok())
+        .flatten()
 }
 
 impl FileStore {
-    /// Opens (creating) the store under `root`.
+    /// Opens (creating) the store under `root`, keeping everything.
     pub fn open(root: &Path) -> Result<FileStore, StoreError> {
+        FileStore::open_with(root, Retention::default())
+    }
+
+    /// Opens (creating) the store under `root` with a retention policy.
+    pub fn open_with(root: &Path, retention: Retention) -> Result<FileStore, StoreError> {
         let devices = root.join("devices");
         std::fs::create_dir_all(&devices).map_err(|source| StoreError::Io {
             path: devices.clone(),
@@ -430,11 +489,73 @@ impl FileStore {
         Ok(FileStore {
             root: root.to_path_buf(),
             states: HashMap::new(),
+            retention,
         })
     }
 
     fn dir(root: &Path, device: &str) -> PathBuf {
         root.join("devices").join(device)
+    }
+
+    /// A device's segment files by number, ascending (`(n, path, len, modified)`).
+    fn segments(dir: &Path) -> Vec<(u64, PathBuf, u64, std::time::SystemTime)> {
+        let mut out = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(n) = segment_of(&name) {
+                    let meta = e.metadata().ok();
+                    out.push((
+                        n,
+                        e.path(),
+                        meta.as_ref().map_or(0, |m| m.len()),
+                        meta.and_then(|m| m.modified().ok())
+                            .unwrap_or(std::time::UNIX_EPOCH),
+                    ));
+                }
+            }
+        }
+        out.sort_by_key(|s| s.0);
+        out
+    }
+
+    /// Deletes the closed segments of `device` that retention no longer keeps; returns how
+    /// many were deleted. Errors are logged, not returned: retention never fails a commit.
+    fn apply_retention(&self, device: &str, active: u64) -> u64 {
+        let r = self.retention;
+        if r.max_age.is_none() && r.max_bytes.is_none() {
+            return 0;
+        }
+        let dir = Self::dir(&self.root, device);
+        let segs = Self::segments(&dir);
+        let mut total: u64 = segs.iter().map(|s| s.2).sum();
+        let now = std::time::SystemTime::now();
+        let mut removed = 0;
+        for (n, path, len, modified) in segs {
+            if n >= active {
+                break;
+            }
+            let too_old = r
+                .max_age
+                .is_some_and(|a| now.duration_since(modified).is_ok_and(|age| age > a));
+            let too_big = r.max_bytes.is_some_and(|m| total > m);
+            if !(too_old || too_big) {
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    total = total.saturating_sub(len);
+                    removed += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "retention: could not delete a segment");
+                }
+            }
+        }
+        if removed > 0 {
+            let _ = sync_dir(&dir);
+        }
+        removed
     }
 
     /// Reads a device's persisted state (None: never stored anything).
@@ -502,37 +623,44 @@ impl FileStore {
             epoch: u64,
         }
         use std::io::BufRead;
-        let path = Self::dir(root, device).join("records.jsonl");
-        let committed = Self::read_state(root, device)?.map_or(0, |s| s.records_len);
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(StoreError::Io {
-                    path,
-                    op: "open",
-                    source,
-                })
-            }
-        };
+        let dir = Self::dir(root, device);
+        let state = Self::read_state(root, device)?;
+        let (active, committed) = state.map_or((0, 0), |s| (s.segment, s.records_len));
         let mut out = Vec::new();
-        let reader = std::io::BufReader::new(file.take(committed));
-        for (i, line) in reader.split(b'\n').enumerate() {
-            if out.len() >= max {
-                break;
+        for (n, path, _, _) in Self::segments(&dir) {
+            if n > active || out.len() >= max {
+                break; // a segment above the active one was never committed
             }
-            let line = line.map_err(|source| StoreError::Io {
-                path: path.clone(),
-                op: "read",
-                source,
-            })?;
-            let bad = |e: serde_json::Error| StoreError::Corrupt {
-                path: path.clone(),
-                problem: format!("line {}: {e}", i + 1),
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // retention
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        path,
+                        op: "open",
+                        source,
+                    })
+                }
             };
-            let rec: wire::Record = serde_json::from_slice(&line).map_err(bad)?;
-            let epoch: Epoch = serde_json::from_slice(&line).map_err(bad)?;
-            out.push((epoch.epoch, rec));
+            let limit = if n == active { committed } else { u64::MAX };
+            let reader = std::io::BufReader::new(file.take(limit));
+            for (i, line) in reader.split(b'\n').enumerate() {
+                if out.len() >= max {
+                    break;
+                }
+                let line = line.map_err(|source| StoreError::Io {
+                    path: path.clone(),
+                    op: "read",
+                    source,
+                })?;
+                let bad = |e: serde_json::Error| StoreError::Corrupt {
+                    path: path.clone(),
+                    problem: format!("line {}: {e}", i + 1),
+                };
+                let rec: wire::Record = serde_json::from_slice(&line).map_err(bad)?;
+                let epoch: Epoch = serde_json::from_slice(&line).map_err(bad)?;
+                out.push((epoch.epoch, rec));
+            }
         }
         Ok(out)
     }
@@ -543,8 +671,20 @@ impl FileStore {
                 format: STATE_FORMAT,
                 ..DeviceState::default()
             });
+            // segments above the active one were started by a commit that never finished
+            // (its state was not written): their records were never acknowledged
+            let dir = Self::dir(&self.root, device);
+            for (n, path, _, _) in Self::segments(&dir) {
+                if n > st.segment {
+                    std::fs::remove_file(&path).map_err(|source| StoreError::Io {
+                        path: path.clone(),
+                        op: "remove uncommitted segment",
+                        source,
+                    })?;
+                }
+            }
             // drop a tail written after the last state (never acknowledged)
-            let path = Self::dir(&self.root, device).join("records.jsonl");
+            let path = dir.join(segment_name(st.segment));
             match std::fs::OpenOptions::new().write(true).open(&path) {
                 Ok(f) => {
                     let len = f
@@ -637,7 +777,17 @@ impl IngestStore for FileStore {
         records: &[wire::Record],
         mut state: DeviceState,
     ) -> Result<(), StoreError> {
-        let committed = self.load(device)?.records_len;
+        let (mut segment, mut committed) = {
+            let st = self.load(device)?;
+            (st.segment, st.records_len)
+        };
+        // segments below the one the persisted state names are closed whatever happens next
+        let closed_below = segment;
+        if committed >= self.retention.segment_bytes && !records.is_empty() {
+            // start the next segment; the state names it only once these records are in
+            segment += 1;
+            committed = 0;
+        }
         let dir = Self::dir(&self.root, device);
         if !dir.is_dir() {
             std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
@@ -647,7 +797,7 @@ impl IngestStore for FileStore {
             })?;
             sync_dir(&self.root.join("devices"))?;
         }
-        let path = dir.join("records.jsonl");
+        let path = dir.join(segment_name(segment));
         let mut buf = Vec::with_capacity(records.len() * 256);
         for r in records {
             let line = StoredRecord {
@@ -679,7 +829,9 @@ impl IngestStore for FileStore {
         f.write_all(&buf).map_err(io("append"))?;
         f.sync_data().map_err(io("fsync"))?;
         state.format = STATE_FORMAT;
+        state.segment = segment;
         state.records_len = committed + buf.len() as u64;
+        state.retention_removed_segments += self.apply_retention(device, closed_below);
         let state_path = dir.join("state.json");
         let json = serde_json::to_vec(&state).map_err(|e| StoreError::Corrupt {
             path: state_path.clone(),
@@ -1058,6 +1210,96 @@ mod tests {
             .iter()
             .map(|r| r.seq)
             .collect()
+    }
+
+    #[test]
+    fn segments_rotate_retention_deletes_old_ones_and_a_crash_mid_rotation_is_undone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let counters = Arc::new(IngestCounters::default());
+        let keep_all = Retention {
+            segment_bytes: 300,
+            max_age: None,
+            max_bytes: None,
+        };
+        let mut ing = Ingest::new(
+            FileStore::open_with(root, keep_all).unwrap(),
+            counters.clone(),
+            1 << 20,
+        );
+        for i in 0..10u64 {
+            let seqs: Vec<u64> = (i * 5 + 1..=i * 5 + 5).collect();
+            ing.handle("d1", batch(i * 5, &seqs, 0)).unwrap();
+        }
+        assert_eq!(seqs(root), (1..=50).collect::<Vec<_>>());
+        let dir = root.join("devices/d1");
+        let segs = FileStore::segments(&dir);
+        assert!(segs.len() >= 3, "{segs:?}");
+        let st = FileStore::read_state(root, "d1").unwrap().unwrap();
+        assert_eq!(st.segment, segs.last().unwrap().0);
+        drop(ing);
+
+        // a crash after the next segment was written but before the state named it
+        let orphan = dir.join(segment_name(st.segment + 1));
+        std::fs::write(
+            &orphan,
+            "{\"seq\":51,\"class\":\"event\",\"produced_at_ms\":1,\"body\":{}}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            seqs(root),
+            (1..=50).collect::<Vec<_>>(),
+            "unnamed segment not read"
+        );
+        // retention by size: reopen with a cap of about two segments
+        let capped = Retention {
+            segment_bytes: 300,
+            max_age: None,
+            max_bytes: Some(700),
+        };
+        let mut ing = Ingest::new(
+            FileStore::open_with(root, capped).unwrap(),
+            counters.clone(),
+            1 << 20,
+        );
+        assert_eq!(
+            ing.handle("d1", batch(50, &[51, 52], 0)).unwrap(),
+            Outcome::Ack {
+                through: 52,
+                new: 2
+            }
+        );
+        assert!(
+            !orphan.exists()
+                || FileStore::read_state(root, "d1").unwrap().unwrap().segment > st.segment
+        );
+        let kept = seqs(root);
+        assert_eq!(*kept.last().unwrap(), 52, "the newest records stay");
+        assert!(kept.len() < 52, "old segments were deleted: {}", kept.len());
+        assert!(
+            kept.windows(2).all(|w| w[1] == w[0] + 1),
+            "what is kept is contiguous"
+        );
+        let total: u64 = FileStore::segments(&dir).iter().map(|s| s.2).sum();
+        assert!(total <= 700 + 300, "{total}");
+        let st = FileStore::read_state(root, "d1").unwrap().unwrap();
+        assert!(st.retention_removed_segments > 0);
+        assert_eq!(st.last_seq, 52);
+        // retention by age: everything closed is older than 0 s
+        drop(ing);
+        let aged = Retention {
+            segment_bytes: 300,
+            max_age: Some(Duration::ZERO),
+            max_bytes: None,
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        let mut ing = Ingest::new(FileStore::open_with(root, aged).unwrap(), counters, 1 << 20);
+        ing.handle("d1", batch(52, &[53], 0)).unwrap();
+        let st = FileStore::read_state(root, "d1").unwrap().unwrap();
+        let segs = FileStore::segments(&dir);
+        assert_eq!(segs.len(), 1, "{segs:?}");
+        assert_eq!(segs[0].0, st.segment);
+        assert_eq!(*seqs(root).last().unwrap(), 53);
     }
 
     #[test]

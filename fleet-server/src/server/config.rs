@@ -25,10 +25,47 @@ pub struct Config {
     pub broker: Broker,
     /// An external broker; when set, the embedded broker is not started.
     pub mqtt: Option<Mqtt>,
+    pub ingest: IngestSettings,
     pub bundles: Bundles,
     pub directives: Directives,
     pub rollouts: Rollouts,
     pub alerts: Alerts,
+}
+
+/// How long the ingest keeps device records (`<state_dir>/ingest/devices/<id>/`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestSettings {
+    /// Closed record segments older than this are deleted (0: keep forever).
+    pub retention_days: u64,
+    /// Oldest closed segments are deleted while a device's records exceed this (0: no cap).
+    pub max_device_mib: u64,
+    /// Size at which a device's records file is closed and a new one started.
+    pub segment_mib: u64,
+}
+
+impl Default for IngestSettings {
+    fn default() -> IngestSettings {
+        IngestSettings {
+            retention_days: 30,
+            max_device_mib: 1024,
+            segment_mib: 64,
+        }
+    }
+}
+
+impl IngestSettings {
+    /// The store's retention policy.
+    pub fn retention(&self) -> crate::ingest::Retention {
+        crate::ingest::Retention {
+            segment_bytes: self.segment_mib.saturating_mul(1024 * 1024),
+            max_age: (self.retention_days > 0).then(|| {
+                std::time::Duration::from_secs(self.retention_days.saturating_mul(86_400))
+            }),
+            max_bytes: (self.max_device_mib > 0)
+                .then(|| self.max_device_mib.saturating_mul(1024 * 1024)),
+        }
+    }
 }
 
 /// The bundle store: what `POST /v1/bundles` accepts and how bundles travel to devices.
@@ -198,6 +235,7 @@ impl Default for Config {
             http: Http::default(),
             broker: Broker::default(),
             mqtt: None,
+            ingest: IngestSettings::default(),
             bundles: Bundles::default(),
             directives: Directives::default(),
             rollouts: Rollouts::default(),
@@ -400,6 +438,18 @@ impl Config {
             p.push(format!(
                 "broker.max_payload_bytes = {}: must be 65536 to 67108864",
                 b.max_payload_bytes
+            ));
+        }
+        let ing = &self.ingest;
+        if !(1..=4096).contains(&ing.segment_mib) {
+            p.push(format!(
+                "ingest.segment_mib = {}: must be 1 to 4096",
+                ing.segment_mib
+            ));
+        } else if ing.max_device_mib != 0 && ing.max_device_mib < 2 * ing.segment_mib {
+            p.push(format!(
+                "ingest.max_device_mib = {} must be 0 (no cap) or at least twice ingest.segment_mib = {}",
+                ing.max_device_mib, ing.segment_mib
             ));
         }
         let bu = &self.bundles;

@@ -154,7 +154,7 @@ pub async fn run(
         tokens.push(t);
     }
     let store_dir = state_dir.join("ingest");
-    let store = FileStore::open(&store_dir)?;
+    let store = FileStore::open_with(&store_dir, config.ingest.retention())?;
 
     let mut embedded = None;
     let url = match config.broker_choice().ok_or(ServerError::NoBroker)? {
