@@ -246,6 +246,29 @@ ack_timeout_ms = 2000
         a
     }
 
+    /// Starts the agent again on the same state, config and port.
+    fn restart(&mut self) {
+        let _ = self.child.terminate(Duration::from_secs(15));
+        self.child = ChildGuard(
+            Command::new(bin("edge-agent"))
+                .current_dir(&self.dir)
+                .args(["run", "--config", "agent.toml"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(self.dir.join("agent2.log")).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let port = self.port;
+        assert!(wait_until(Duration::from_secs(30), || http(
+            port,
+            "GET",
+            "/v2/health/ready",
+            &[],
+            b""
+        )
+        .is_ok_and(|r| r.0 == 200)));
+    }
+
     fn status(&self, model: &str) -> Value {
         let out = Command::new(bin("edge-agent"))
             .current_dir(&self.dir)
@@ -437,12 +460,13 @@ fn rollout_a_silent_canary_fails_its_wave_at_the_deadline() {
 }
 
 #[test]
-fn rollout_survives_a_fleet_server_kill_9_and_completes() {
+fn rollout_survives_a_fleet_server_kill_9_and_completes_then_a_fleet_rollback_reaches_an_offline_device_when_it_returns(
+) {
     let tmp = scratch();
     let d = tmp.path();
     keys_and_bundles(d);
     let mut fleet = Fleet::start(d);
-    let agents = three_agents(d, &fleet, "p1.bundle");
+    let mut agents = three_agents(d, &fleet, "p1.bundle");
     fleet.push(&d.join("p2.bundle"));
     let id = create(&fleet, "pdm-failure@2.0", &["1", "2", "3"], "2m", "0%");
     // kill -9 as soon as the canary has committed (the second wave is being issued or about
@@ -477,6 +501,41 @@ fn rollout_survives_a_fleet_server_kill_9_and_completes() {
             .unwrap_or_default();
         assert_eq!(m["release"], 2, "{dev:#}");
     }
+
+    // fleet-wide rollback while dev-c is offline (clean shutdown: its death is published)
+    let _ = agents[2].child.terminate(Duration::from_secs(15));
+    assert!(wait_until(Duration::from_secs(20), || fleet.online() == 2));
+    let (code, v) = fleet.api(
+        "POST",
+        "/v1/rollback",
+        json!({"model": "pdm-failure", "reason": "labels were wrong"})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["devices"].as_array().map(Vec::len), Some(3), "{v}");
+    for a in &agents[..2] {
+        assert!(
+            wait_until(Duration::from_secs(60), || a.status("pdm-failure")
+                ["active"]["release"]
+                == 1),
+            "{} not rolled back: {:#}",
+            a.id,
+            a.status("pdm-failure")
+        );
+        let st = a.status("pdm-failure");
+        assert_eq!(st["last_rollback"]["reason"], "labels were wrong", "{st:#}");
+    }
+    assert_eq!(agents[2].status("pdm-failure")["active"]["release"], 2);
+    // it gets the directive when it comes back
+    agents[2].restart();
+    assert!(
+        wait_until(Duration::from_secs(90), || agents[2].status("pdm-failure")
+            ["active"]["release"]
+            == 1),
+        "the returning device was not rolled back: {:#}",
+        agents[2].status("pdm-failure")
+    );
 }
 
 fn sha256_hex(s: &str) -> String {
