@@ -722,6 +722,7 @@ pub(crate) mod tests {
         std::fs::write(&root_path, root().public().to_file_bytes()).unwrap();
         config::Bundles {
             trust_root: Some(root_path),
+            keyring: None,
             max_bundle_bytes: 1024 * 1024,
             chunk_bytes: 4096,
             signoff,

@@ -75,6 +75,9 @@ pub struct Bundles {
     /// The trust root (keyring file) bundle signatures are checked against, the same file the
     /// agents use. Without it, uploads are refused.
     pub trust_root: Option<PathBuf>,
+    /// A root-signed keyring of signing keys, as the agents' `keyring` setting: bundles
+    /// must then be signed by a key it lists for their model.
+    pub keyring: Option<PathBuf>,
     /// Largest bundle accepted by an upload.
     pub max_bundle_bytes: u64,
     /// Chunk size of MQTT delivery (4 KiB to 1 MiB; below the broker's payload limit).
@@ -144,6 +147,7 @@ impl Default for Bundles {
     fn default() -> Bundles {
         Bundles {
             trust_root: None,
+            keyring: None,
             max_bundle_bytes: 512 * 1024 * 1024,
             chunk_bytes: shared::delivery::DEFAULT_CHUNK_BYTES,
             signoff: Vec::new(),

@@ -334,6 +334,6 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("fleet_broker_connected 1\n"), "{text}");
-        assert_eq!(text.matches("# TYPE ").count(), 15);
+        assert_eq!(text.matches("# TYPE ").count(), 16);
     }
 }

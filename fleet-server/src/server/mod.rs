@@ -183,10 +183,11 @@ pub async fn run(
     let (audit, report) = AuditLog::open(&state_dir.join("audit.jsonl"))?;
     tracing::info!(report = ?report, "audit log open");
     let registry = Arc::new(Registry::open(db.clone())?);
-    let bundles = Arc::new(BundleStore::open(
+    let bundles = Arc::new(BundleStore::open_with_keyring(
         db.clone(),
         state_dir.join("bundles"),
         &config.bundles,
+        config.bundles.keyring.clone(),
     )?);
     let issuer = Arc::new(Issuer::open(&config.directives, &state_dir, db.clone())?);
     tracing::info!(key = %issuer.key_path().display(), "directive signing key (give its .pub to the agents' [sync] directive_keys)");
