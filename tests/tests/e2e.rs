@@ -2,6 +2,8 @@
 
 #[path = "e2e/candidates.rs"]
 mod candidates;
+#[path = "e2e/deploy.rs"]
+mod deploy;
 #[path = "e2e/directive_install.rs"]
 mod directive_install;
 #[path = "e2e/fleet.rs"]
