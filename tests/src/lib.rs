@@ -359,3 +359,35 @@ pub fn install_example_agent(d: &Path) {
         ],
     );
 }
+
+/// `promtool check metrics` on a `/metrics` text, asserting it passes. Without promtool it
+/// prints `SKIPPED promtool check metrics (<what>)` and returns, unless `E2E_REQUIRE_TOOLS`
+/// is set (then it fails).
+pub fn promtool_check_metrics(what: &str, text: &str) {
+    use std::io::Write;
+    if Command::new("promtool").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("E2E_REQUIRE_TOOLS").is_none(),
+            "promtool is required (E2E_REQUIRE_TOOLS is set)"
+        );
+        eprintln!("SKIPPED promtool check metrics ({what}): promtool not installed");
+        return;
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start promtool");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(text.as_bytes()).expect("write to promtool");
+    }
+    let out = child.wait_with_output().expect("run promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics ({what}): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

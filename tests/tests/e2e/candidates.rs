@@ -213,33 +213,5 @@ fn shadow_split_promote_and_metrics() {
     ] {
         assert!(text.contains(family), "{family} missing");
     }
-    if Command::new("promtool").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("E2E_REQUIRE_TOOLS").is_none(),
-            "promtool is required (E2E_REQUIRE_TOOLS is set)"
-        );
-        eprintln!("SKIPPED promtool check metrics: promtool not installed");
-        return;
-    }
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e2e_tests::promtool_check_metrics("agent", &text);
 }

@@ -651,7 +651,7 @@ fn rollout_with_fleetctl_roles_second_admin_approval_and_audit() {
             "{line} not in\n{metrics}"
         );
     }
-    check_metrics_with_promtool(&metrics);
+    e2e_tests::promtool_check_metrics("fleet", &metrics);
 
     // the audit log names who did what, and an edit is detected
     let (code, out, err) = fleet.ctl(eve, &["audit", "list", "--json"]);
@@ -691,36 +691,4 @@ fn rollout_with_fleetctl_roles_second_admin_approval_and_audit() {
     let (code, out, err) = fleet.ctl(eve, &["audit", "verify"]);
     assert_ne!(code, 0, "an edited record must fail verification: {out}");
     assert!(err.contains("line") || out.contains("line"), "{err}{out}");
-}
-
-fn check_metrics_with_promtool(text: &str) {
-    if Command::new("promtool").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("E2E_REQUIRE_TOOLS").is_none(),
-            "promtool is required (E2E_REQUIRE_TOOLS is set)"
-        );
-        eprintln!("SKIPPED promtool check metrics (fleet): promtool not installed");
-        return;
-    }
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
