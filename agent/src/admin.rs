@@ -101,7 +101,7 @@ pub fn run_service(config_path: Option<&Path>, overrides: &crate::config::Overri
     };
     rt.block_on(async move {
         // before anything is served: a SIGTERM from now on drains and exits 0
-        let shutdown = shutdown_signal();
+        let shutdown = shared::shutdown::signal();
         let listener = match tokio::net::TcpListener::bind(&cfg.http.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -121,39 +121,6 @@ pub fn run_service(config_path: Option<&Path>, overrides: &crate::config::Overri
             }
         }
     })
-}
-
-/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when
-/// the future is first polled: a SIGTERM that arrives while the service starts is not lost
-/// to the default action (which would kill the process without draining). Call it inside
-/// the runtime.
-pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
-    #[cfg(unix)]
-    let signals = {
-        use tokio::signal::unix::{signal, SignalKind};
-        (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        )
-    };
-    async move {
-        #[cfg(unix)]
-        match signals {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// Sends one request to a running agent over `<state>/agent.sock`; `None` when no agent

@@ -127,7 +127,7 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
         .context("cannot start the runtime")?;
     rt.block_on(async move {
         // before anything is served: a SIGTERM from now on stops the server cleanly
-        let signal = shutdown_signal();
+        let signal = shared::shutdown::signal();
         let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
             .await
             .with_context(|| {
@@ -148,37 +148,4 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(())
     })
-}
-
-/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when
-/// the future is first polled: a SIGTERM that arrives while the service starts is not lost
-/// to the default action (which would kill the process without draining). Call it inside
-/// the runtime.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
-    #[cfg(unix)]
-    let signals = {
-        use tokio::signal::unix::{signal, SignalKind};
-        (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        )
-    };
-    async move {
-        #[cfg(unix)]
-        match signals {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

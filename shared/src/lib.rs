@@ -9,5 +9,6 @@ pub mod directive;
 pub mod drift;
 pub mod engine;
 pub mod metrics;
+pub mod shutdown;
 pub mod trust;
 pub mod wire;
