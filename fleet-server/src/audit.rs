@@ -1035,12 +1035,17 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// UTC now as RFC 3339 with exactly three fractional digits, so that timestamps sort as
+/// strings (`Rfc3339` drops a zero fraction, and `…:01Z` sorts after `…:01.5Z`).
 fn now_rfc3339() -> Result<String, AuditError> {
-    let now = OffsetDateTime::now_utc();
-    let now = now.replace_millisecond(now.millisecond()).unwrap_or(now);
-    now.format(&Rfc3339).map_err(|e| AuditError::Clock {
-        reason: e.to_string(),
-    })
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    OffsetDateTime::now_utc()
+        .format(FORMAT)
+        .map_err(|e| AuditError::Clock {
+            reason: e.to_string(),
+        })
 }
 
 /// `v` with the keys of every object inserted in sorted order (so the encoding sorts them
@@ -1249,6 +1254,14 @@ mod tests {
             prev: &r.prev,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn timestamps_are_fixed_width_so_they_sort_as_strings() {
+        let a = now_rfc3339().unwrap();
+        assert_eq!(a.len(), "2026-01-01T00:00:00.000Z".len(), "{a}");
+        assert!(OffsetDateTime::parse(&a, &Rfc3339).is_ok(), "{a}");
+        assert_eq!(&a[19..20], ".");
     }
 
     #[test]
