@@ -148,8 +148,14 @@ pub struct Http {
     pub scoring_threads: usize,
 }
 
-/// Scopes a bearer token can carry.
-pub const TOKEN_SCOPES: [&str; 3] = ["predict", "feedback", "admin"];
+/// Scopes a bearer token can carry (what each opens: `crate::http`'s route table).
+/// - `predict`: the model routes (`/v2/models/...`, `/v1/models/...`).
+/// - `feedback`: `POST /v1/feedback`.
+/// - `admin`: no route of its own today beyond what every scope reads (`/v2`, `/metrics`).
+/// - `metrics`: `GET /metrics` and nothing else, the credential a Prometheus server scrapes
+///   with. `predict`, `feedback` and `admin` tokens keep reading `/metrics` as before this
+///   scope existed, so configs that scrape with a `predict` token keep working.
+pub const TOKEN_SCOPES: [&str; 4] = ["predict", "feedback", "admin", "metrics"];
 
 /// One bearer token of the HTTP API, stored as the SHA-256 of the token (never the token).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,7 +165,8 @@ pub struct Token {
     pub name: String,
     /// Lowercase hex SHA-256 of the token (`printf %s TOKEN | sha256sum`).
     pub sha256: String,
-    /// What it may do: `predict`, `feedback`, `admin`.
+    /// What it may do: `predict`, `feedback`, `admin`, `metrics` ([`TOKEN_SCOPES`]; a token
+    /// with only `metrics` reads `GET /metrics` and nothing else).
     pub scopes: Vec<String>,
 }
 
@@ -316,7 +323,9 @@ impl Config {
              # [[http.tokens]]                     # no tokens: the HTTP API needs none\n\
              # name = \"line3-scada\"\n\
              # sha256 = \"<hex SHA-256 of the token>\"\n\
-             # scopes = [\"predict\"]             # predict, feedback, admin\n\n{body}"
+             # scopes = [\"predict\"]             # predict, feedback, admin, metrics\n\
+             #                                  # (metrics: GET /metrics only, for Prometheus;\n\
+             #                                  # every other scope also reads /metrics)\n\n{body}"
         )
     }
 
@@ -656,8 +665,50 @@ mod tests {
             assert!(all.contains(want), "{want} in {all}");
         }
         assert!(!all.contains("http.tokens[0]"), "{all}");
+        // the refusal lists every valid scope, metrics among them
+        assert!(
+            all.contains("unknown scope \"root\" (use predict, feedback, admin, metrics)"),
+            "{all}"
+        );
         assert!(
             toml::from_str::<Config>("[[http.tokens]]\nname = \"x\"\ntoken = \"t\"\n").is_err()
+        );
+    }
+
+    #[test]
+    fn metrics_scope_is_valid_alone_and_with_others() {
+        let good = format!("{:064x}", 7);
+        let other = format!("{:064x}", 8);
+        let c: Config = toml::from_str(&format!(
+            "[[http.tokens]]\nname = \"prometheus\"\nsha256 = \"{good}\"\nscopes = [\"metrics\"]\n\
+             [[http.tokens]]\nname = \"scada\"\nsha256 = \"{other}\"\nscopes = [\"predict\", \"metrics\"]\n"
+        ))
+        .unwrap();
+        // (the default trust_root is not on this machine: only that problem is left)
+        let problems = c.validate().err().map(|e| e.problems).unwrap_or_default();
+        assert!(
+            problems.iter().all(|p| p.starts_with("trust_root")),
+            "{problems:?}"
+        );
+        assert_eq!(c.http.tokens[0].scopes, ["metrics"]);
+        // a near miss is refused, naming the scopes there are
+        let bad: Config = toml::from_str(&format!(
+            "[[http.tokens]]\nname = \"prometheus\"\nsha256 = \"{good}\"\nscopes = [\"metric\"]\n"
+        ))
+        .unwrap();
+        let all = bad.validate().unwrap_err().problems.join("\n");
+        assert!(
+            all.contains(
+                "http.tokens[0]: unknown scope \"metric\" (use predict, feedback, admin, metrics)"
+            ),
+            "{all}"
+        );
+        // print-default-config names the scope and what it opens
+        let text = Config::default_toml();
+        assert!(
+            text.contains("# predict, feedback, admin, metrics")
+                && text.contains("GET /metrics only"),
+            "{text}"
         );
     }
 }

@@ -3,6 +3,13 @@
 //! `POST /v1/models/{name}:predict`; Prometheus `/metrics`; bearer tokens with scopes;
 //! request body limits.
 //!
+//! Which scopes open which route ([`access`]), once tokens are configured: the two health
+//! probes need no token; model routes need `predict`; `POST /v1/feedback` needs `feedback`;
+//! `GET /metrics` takes a token with any scope (`metrics`, or `predict`, `feedback`, `admin`
+//! as before the `metrics` scope existed: a Prometheus scraping with a `predict` token keeps
+//! working); every other path (`/v2`, unknown paths) takes any scope but `metrics`, so a
+//! token with only `metrics` reads `/metrics` and nothing else.
+//!
 //! Every route is described in `agent/openapi.yaml`. Requests are parsed, validated and
 //! scored on the scoring pool ([`crate::pool`]), never on the async workers. Every
 //! prediction goes through [`crate::runtime::predict_with`], so health windows count HTTP
@@ -39,6 +46,40 @@ pub const HEADER_LENGTH: &str = "inference-header-content-length";
 pub const SCOPE_PREDICT: &str = "predict";
 /// The scope `POST /v1/feedback` needs.
 pub const SCOPE_FEEDBACK: &str = "feedback";
+/// The operator scope (no route of its own yet; reads `/v2` and `/metrics`).
+pub const SCOPE_ADMIN: &str = "admin";
+/// The scope that reads `GET /metrics` and nothing else: the credential to give Prometheus.
+pub const SCOPE_METRICS: &str = "metrics";
+
+/// The scopes that read `GET /metrics`: all of them. `predict`, `feedback` and `admin` did
+/// before `metrics` existed and still do (backward compatible with configs that scrape with
+/// a `predict` token).
+const METRICS_READERS: &[&str] = &[SCOPE_METRICS, SCOPE_PREDICT, SCOPE_FEEDBACK, SCOPE_ADMIN];
+/// The scopes that read routes without a scope of their own (`/v2`, unknown paths): all but
+/// `metrics`.
+const GENERAL: &[&str] = &[SCOPE_PREDICT, SCOPE_FEEDBACK, SCOPE_ADMIN];
+
+/// Who may call a path once tokens are configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// No token (the health probes, so orchestrators need no credential).
+    Open,
+    /// A valid token carrying at least one of these scopes.
+    AnyOf(&'static [&'static str]),
+}
+
+/// The route table of the scopes (see the module documentation).
+fn access(path: &str) -> Access {
+    match path {
+        "/v2/health/live" | "/v2/health/ready" => Access::Open,
+        "/metrics" => Access::AnyOf(METRICS_READERS),
+        "/v1/feedback" => Access::AnyOf(&[SCOPE_FEEDBACK]),
+        p if p.starts_with("/v2/models/") || p.starts_with("/v1/models/") => {
+            Access::AnyOf(&[SCOPE_PREDICT])
+        }
+        _ => Access::AnyOf(GENERAL),
+    }
+}
 
 /// The router for the agent's HTTP API.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -237,22 +278,15 @@ async fn blocking<T: Send + 'static>(
 // ---------------------------------------------------------------------------------------
 // Authentication, body size
 
-/// Every request: bearer token (except the health routes) and, on model routes, the
-/// `predict` scope; `Content-Length` against the body limit before any of the body is read;
+/// Every request: bearer token (except the health routes) with a scope the path takes
+/// ([`access`]); `Content-Length` against the body limit before any of the body is read;
 /// no compressed bodies.
 async fn guard(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let flavor = Flavor::of(path);
-    let open = path == "/v2/health/live" || path == "/v2/health/ready";
     let tokens = &s.config.http.tokens;
-    if !open && !tokens.is_empty() {
-        let scope = if path == "/v1/feedback" {
-            Some(SCOPE_FEEDBACK)
-        } else {
-            (path.starts_with("/v2/models/") || path.starts_with("/v1/models/"))
-                .then_some(SCOPE_PREDICT)
-        };
-        if let Err(e) = authorize(tokens, req.headers(), scope) {
+    if let (Access::AnyOf(scopes), false) = (access(path), tokens.is_empty()) {
+        if let Err(e) = authorize(tokens, req.headers(), scopes) {
             return e.flavor(flavor).into_response();
         }
     }
@@ -286,8 +320,9 @@ async fn guard(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Resp
 }
 
 /// Checks the request's bearer token against the configured hashes (every hash compared in
-/// constant time) and that it carries `scope`.
-fn authorize(tokens: &[Token], headers: &HeaderMap, scope: Option<&str>) -> Result<(), ApiError> {
+/// constant time) and that it carries one of `scopes`: 401 without a valid token, 403
+/// naming the missing scope(s) otherwise.
+fn authorize(tokens: &[Token], headers: &HeaderMap, scopes: &[&str]) -> Result<(), ApiError> {
     let header = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -298,20 +333,24 @@ fn authorize(tokens: &[Token], headers: &HeaderMap, scope: Option<&str>) -> Resu
             e.challenge = Some(failure.challenge("edge-agent"));
             e
         })?;
-    if let Some(scope) = scope {
-        if !token.scopes.iter().any(|s| s == scope) {
-            tracing::info!(token = %token.name, scope, "request refused: missing scope");
-            let mut e = ApiError::new(
-                StatusCode::FORBIDDEN,
-                format!("this token lacks the {scope:?} scope"),
-            );
-            e.challenge = Some(format!(
-                "Bearer realm=\"edge-agent\", error=\"insufficient_scope\", scope=\"{scope}\""
-            ));
-            return Err(e);
-        }
+    if token.scopes.iter().any(|s| scopes.contains(&s.as_str())) {
+        return Ok(());
     }
-    Ok(())
+    let missing = match scopes {
+        [one] => format!("the {one:?} scope"),
+        many => {
+            let names: Vec<String> = many.iter().map(|s| format!("{s:?}")).collect();
+            format!("a scope for this route (one of {})", names.join(", "))
+        }
+    };
+    tracing::info!(token = %token.name, needs = %scopes.join(" "), "request refused: missing scope");
+    let mut e = ApiError::new(StatusCode::FORBIDDEN, format!("this token lacks {missing}"));
+    // RFC 6750: `scope` is the space-separated list of scopes that would do
+    e.challenge = Some(format!(
+        "Bearer realm=\"edge-agent\", error=\"insufficient_scope\", scope=\"{}\"",
+        scopes.join(" ")
+    ));
+    Err(e)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1401,6 +1440,214 @@ mod tests {
         assert_eq!(ids.len(), 2);
         assert_ne!(ids[0], ids[1]);
         assert!(ids[0].starts_with("box1-3-"));
+    }
+
+    /// The router with `tokens` configured and no model loaded, served on a loopback port
+    /// (the guard answers before any handler needs a model).
+    async fn serve_with_tokens(
+        tokens: &[(&str, &str, &[&str])],
+        state_dir: &std::path::Path,
+    ) -> std::net::SocketAddr {
+        use sha2::Digest;
+        let mut config = crate::config::Config::default();
+        config.http.tokens = tokens
+            .iter()
+            .map(|(name, secret, scopes)| Token {
+                name: name.to_string(),
+                sha256: shared::trust::hex(&sha2::Sha256::digest(secret.as_bytes())),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            })
+            .collect();
+        let state = Arc::new(AppState {
+            registry: Arc::new(crate::runtime::Registry::default()),
+            device_id: "box1".into(),
+            ready: std::sync::atomic::AtomicBool::new(false),
+            lifecycle: crate::service::LifecycleCounters::default(),
+            mqtt: Arc::new(crate::mqtt::MqttCounters::default()),
+            pool: Arc::new(crate::pool::ScoringPool::new(1, MAX_IN_FLIGHT).unwrap()),
+            telemetry: Arc::new(crate::telemetry::Telemetry::open(&config, state_dir).unwrap()),
+            feedback: Arc::new(crate::feedback::Feedback::new(config.feedback.clone()).unwrap()),
+            sync: Arc::new(crate::sync::SyncCounters::default()),
+            health_sample: Arc::new(std::sync::Mutex::new(None)),
+            config,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router(state)).await });
+        addr
+    }
+
+    /// One HTTP/1.1 request; the status, the `WWW-Authenticate` header and the body.
+    async fn call(
+        addr: std::net::SocketAddr,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (u16, String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: agent\r\n{auth}Content-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        conn.read_to_end(&mut raw).await.unwrap();
+        let raw = String::from_utf8(raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let challenge = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with("www-authenticate:")
+                    .then(|| l["www-authenticate:".len()..].trim().to_string())
+            })
+            .unwrap_or_default();
+        (status, challenge, body.to_string())
+    }
+
+    #[test]
+    fn every_configurable_scope_reads_metrics_and_only_metrics_is_confined_to_it() {
+        // the route table and config's list of scopes agree
+        for scope in crate::config::TOKEN_SCOPES {
+            assert!(METRICS_READERS.contains(&scope), "{scope} reads /metrics");
+        }
+        assert_eq!(METRICS_READERS.len(), crate::config::TOKEN_SCOPES.len());
+        for path in [
+            "/v2",
+            "/v2/models/m",
+            "/v1/models/m:predict",
+            "/v1/feedback",
+            "/nope",
+        ] {
+            let Access::AnyOf(scopes) = access(path) else {
+                panic!("{path} needs a token");
+            };
+            assert!(!scopes.contains(&SCOPE_METRICS), "{path}: {scopes:?}");
+        }
+        assert_eq!(access("/v2/health/live"), Access::Open);
+        assert_eq!(access("/v2/health/ready"), Access::Open);
+    }
+
+    #[tokio::test]
+    async fn metrics_only_token_reads_metrics_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = serve_with_tokens(
+            &[
+                ("prometheus", "scrape-1", &["metrics"]),
+                ("scada", "predict-2", &["predict"]),
+                ("labels", "feedback-3", &["feedback"]),
+                ("ops", "admin-4", &["admin"]),
+            ],
+            dir.path(),
+        )
+        .await;
+
+        // the metrics token: /metrics, in the exposition format
+        let (status, _, body) = call(addr, "GET", "/metrics", Some("scrape-1"), "").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("edge_agent_"), "{body}");
+
+        // ... and nothing else: 403 naming the missing scope, in each route's error body
+        let predict = r#"{"instances":[{"x":1.0}]}"#;
+        let (status, challenge, body) = call(
+            addr,
+            "POST",
+            "/v1/models/m:predict",
+            Some("scrape-1"),
+            predict,
+        )
+        .await;
+        assert_eq!(status, 403, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["error"]["message"],
+            "this token lacks the \"predict\" scope"
+        );
+        assert!(
+            challenge.contains("error=\"insufficient_scope\", scope=\"predict\""),
+            "{challenge}"
+        );
+        let infer = r#"{"inputs":[{"name":"X","shape":[1,1],"datatype":"FP32","data":[1.0]}]}"#;
+        let (status, _, body) =
+            call(addr, "POST", "/v2/models/m/infer", Some("scrape-1"), infer).await;
+        assert_eq!(status, 403, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"], "this token lacks the \"predict\" scope");
+        for path in ["/v2/models/m", "/v2/models/m/ready", "/v1/models/m"] {
+            let (status, _, body) = call(addr, "GET", path, Some("scrape-1"), "").await;
+            assert_eq!(status, 403, "{path}: {body}");
+            let v: Value = serde_json::from_str(&body).unwrap();
+            let message = v["error"]["message"].as_str().or(v["error"].as_str());
+            assert_eq!(
+                message,
+                Some("this token lacks the \"predict\" scope"),
+                "{path}: {body}"
+            );
+        }
+        let feedback = r#"{"prediction_id":"box1-1-0-0","label":"1"}"#;
+        let (status, challenge, body) =
+            call(addr, "POST", "/v1/feedback", Some("scrape-1"), feedback).await;
+        assert_eq!(status, 403, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["error"]["message"],
+            "this token lacks the \"feedback\" scope"
+        );
+        assert!(challenge.contains("scope=\"feedback\""), "{challenge}");
+        // server metadata and unknown paths: any scope but metrics
+        for path in ["/v2", "/elsewhere"] {
+            let (status, challenge, body) = call(addr, "GET", path, Some("scrape-1"), "").await;
+            assert_eq!(status, 403, "{path}: {body}");
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(
+                v["error"],
+                "this token lacks a scope for this route (one of \"predict\", \"feedback\", \"admin\")",
+                "{path}"
+            );
+            assert!(
+                challenge.contains("scope=\"predict feedback admin\""),
+                "{challenge}"
+            );
+        }
+
+        // backward compatible: every other scope still reads /metrics (and /v2)
+        for token in ["predict-2", "feedback-3", "admin-4"] {
+            let (status, _, body) = call(addr, "GET", "/metrics", Some(token), "").await;
+            assert_eq!(status, 200, "{token}: {body}");
+            assert!(body.contains("edge_agent_"), "{token}");
+            assert_eq!(
+                call(addr, "GET", "/v2", Some(token), "").await.0,
+                200,
+                "{token}"
+            );
+        }
+        // the predict token passes the guard on model routes (404: no model loaded)
+        let (status, _, body) = call(addr, "GET", "/v2/models/m", Some("predict-2"), "").await;
+        assert_eq!(status, 404, "{body}");
+
+        // no token or an unknown one: 401 on /metrics
+        assert_eq!(call(addr, "GET", "/metrics", None, "").await.0, 401);
+        assert_eq!(
+            call(addr, "GET", "/metrics", Some("scrape-2"), "").await.0,
+            401
+        );
+
+        // the health probes stay open (ready answers 503 here: nothing loaded yet)
+        assert_eq!(call(addr, "GET", "/v2/health/live", None, "").await.0, 200);
+        assert_eq!(call(addr, "GET", "/v2/health/ready", None, "").await.0, 503);
+        assert_eq!(
+            call(addr, "GET", "/v2/health/live", Some("scrape-1"), "")
+                .await
+                .0,
+            200
+        );
     }
 
     #[test]
