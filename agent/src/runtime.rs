@@ -786,8 +786,14 @@ pub struct HealthPolicy {
     pub max_p99_ratio: f64,
 }
 
+/// Requests a version must have answered before its p99 latency is judged (or used as the
+/// next version's baseline): with fewer, the p99 is the slowest request, and one cold first
+/// call after an activation would roll back a healthy model.
+pub const MIN_FOR_P99: u64 = 100;
+
 /// Judges a version in its health window. Breaches are reported as soon as enough requests
-/// were seen to judge them (at least 20), so a broken model does not serve a whole window.
+/// were seen to judge them (error and NaN rates after 20, p99 latency after
+/// [`MIN_FOR_P99`]), so a broken model does not serve a whole window.
 pub fn judge(l: &Loaded, p: &HealthPolicy) -> Health {
     let c = &l.counters;
     let ok = c.ok.load(Ordering::Relaxed);
@@ -814,7 +820,7 @@ pub fn judge(l: &Loaded, p: &HealthPolicy) -> Health {
             ));
         }
     }
-    if ok >= MIN_TO_JUDGE {
+    if ok >= MIN_FOR_P99 {
         if let (Some(base), Some(p99)) = (l.baseline_p99_us, c.latency_quantile_us(0.99)) {
             // compare bucket bounds: the baseline is rounded up to its bucket too
             let base_bucket = LATENCY_BUCKETS_US
@@ -991,10 +997,26 @@ mod tests {
         assert!(matches!(judge(&l2, &policy), Health::Breach(r) if r.contains("NaN")));
         let mut l3 = Loaded::new(shared::bundle::testing::manifest("m", &[]), l.model.clone());
         l3.baseline_p99_us = Some(100);
-        for _ in 0..30 {
+        // one slow request among fewer than MIN_FOR_P99 is not judged
+        l3.counters.observe_latency(2_000);
+        for _ in 0..60 {
+            l3.counters.observe_latency(80);
+        }
+        l3.counters.ok.store(61, Ordering::Relaxed);
+        l3.counters.rows.store(61, Ordering::Relaxed);
+        assert_eq!(judge(&l3, &policy), Health::Healthy);
+        // ... nor one among 100 (the p99 is the 99th)
+        for _ in 0..39 {
+            l3.counters.observe_latency(80);
+        }
+        l3.counters.ok.store(100, Ordering::Relaxed);
+        l3.counters.rows.store(100, Ordering::Relaxed);
+        assert_eq!(judge(&l3, &policy), Health::Healthy);
+        // a version slow throughout is
+        for _ in 0..100 {
             l3.counters.observe_latency(2_000);
         }
-        l3.counters.ok.store(30, Ordering::Relaxed);
+        l3.counters.ok.store(200, Ordering::Relaxed);
         assert!(matches!(judge(&l3, &policy), Health::Breach(r) if r.contains("p99")));
     }
 }

@@ -19,7 +19,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::runtime::{judge, Candidate, CandidateMode, Health, HealthPolicy, Loaded, Registry};
+use crate::runtime::{
+    self, judge, Candidate, CandidateMode, Health, HealthPolicy, Loaded, Registry,
+};
 use crate::store::{InstallMode, Store, StoreConfig, StoreError};
 
 /// How long in-flight requests get to finish after a shutdown request.
@@ -222,7 +224,7 @@ impl Ctx {
                 ))
             }
             Ok(r) => {
-                let baseline = self.previous_p99(&r.name);
+                let baseline = self.baseline_p99(&r.name);
                 let loaded = self.load(&r.name, baseline)?;
                 self.state.activate(loaded);
                 self.state.registry.set_candidate(&r.name, None);
@@ -240,6 +242,22 @@ impl Ctx {
                 Err(e)
             }
         }
+    }
+
+    /// The health baseline of a version about to replace the active one: the live p99 of
+    /// the outgoing version when it answered at least [`runtime::MIN_FOR_P99`] requests
+    /// (like for like: the same kind of requests on this device under its current load),
+    /// else the install-time p99 of the previous version (measured with single rows on an
+    /// idle pipeline, so it is the lower, stricter of the two).
+    fn baseline_p99(&self, name: &str) -> Option<u64> {
+        if let Some(old) = self.state.registry.get(name) {
+            if old.counters.ok.load(Ordering::Relaxed) >= runtime::MIN_FOR_P99 {
+                if let Some(p99) = old.counters.latency_quantile_us(0.99) {
+                    return Some(p99.max(1));
+                }
+            }
+        }
+        self.previous_p99(name)
     }
 
     /// The install-time p99 of the previous version (the health baseline).
