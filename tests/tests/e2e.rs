@@ -22,6 +22,8 @@ mod install;
 mod mosquitto_acl;
 #[path = "e2e/mqtt.rs"]
 mod mqtt;
+#[path = "e2e/quickstart.rs"]
+mod quickstart;
 #[path = "e2e/rollout.rs"]
 mod rollout;
 #[path = "e2e/service.rs"]
