@@ -33,6 +33,8 @@ use serde_json::{json, Value};
 
 const MODEL: &str = "pdm-failure";
 const MARKER: &str = ".quickstart";
+/// The pids of the processes started, one per line (see [`stop_leftovers`]).
+const PIDS: &str = "pids";
 const AGENTS: [&str; 3] = ["press-1", "press-2", "press-3"];
 
 struct Args {
@@ -115,10 +117,16 @@ fn main() -> ExitCode {
     }
     let mut stack = Stack::default();
     let outcome = run(&args, &stop, &mut stack);
+    let interrupted = stop.load(Ordering::SeqCst);
     let clean = stack.shutdown();
     match outcome {
         Ok(()) if clean => ExitCode::SUCCESS,
         Ok(()) => ExitCode::from(1),
+        // Ctrl-C while the stack was still coming up: a stop that was asked for
+        Err(e) if interrupted && clean => {
+            println!("interrupted ({e})");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("\nquickstart: {e:#}");
             ExitCode::from(1)
@@ -167,7 +175,16 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, cwd: &Path, program: &Path, args: &[&str], log: PathBuf) -> Result<Proc> {
+    /// Starts `program` in its own process group, output to `log`; its pid is appended to
+    /// `pids`.
+    fn spawn(
+        name: &str,
+        cwd: &Path,
+        program: &Path,
+        args: &[&str],
+        log: PathBuf,
+        pids: &Path,
+    ) -> Result<Proc> {
         use std::os::unix::process::CommandExt;
         let out =
             std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
@@ -181,6 +198,12 @@ impl Proc {
             .process_group(0)
             .spawn()
             .with_context(|| format!("start {}", program.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(pids)
+            .with_context(|| format!("open {}", pids.display()))?;
+        writeln!(f, "{}", child.id()).with_context(|| format!("write {}", pids.display()))?;
         Ok(Proc {
             name: name.to_string(),
             log,
@@ -344,6 +367,34 @@ fn port(preferred: u16, what: &str) -> Result<u16> {
     Ok(p)
 }
 
+/// Stops the processes a previous run left behind when it was killed hard (`kill -9`
+/// gives it no chance to stop them): the pids in `<dir>/pids` whose working directory is
+/// still inside `dir`.
+fn stop_leftovers(dir: &Path) {
+    let Ok(text) = std::fs::read_to_string(dir.join(PIDS)) else {
+        return;
+    };
+    for pid in text.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"));
+        if cwd.is_ok_and(|c| c.starts_with(dir)) {
+            println!("    stopping pid {pid} left by an earlier quickstart");
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
 /// Removes and recreates `dir` (only if it is empty or a previous quickstart's).
 fn fresh_dir(dir: &Path) -> Result<()> {
     if dir.exists() {
@@ -356,6 +407,9 @@ fn fresh_dir(dir: &Path) -> Result<()> {
                 "{} exists and was not made by quickstart (no {MARKER} file): choose another --dir",
                 dir.display()
             );
+        }
+        if ours {
+            stop_leftovers(dir);
         }
         std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
     }
@@ -492,6 +546,7 @@ fn run(args: &Args, stop: &AtomicBool, stack: &mut Stack) -> Result<()> {
         &bins.path("fleet-server"),
         &["run", "--config", "fleet-server.toml"],
         dir.join("logs/fleet-server.log"),
+        &dir.join(PIDS),
     )?);
     wait_for(
         stop,
@@ -552,6 +607,7 @@ fn run(args: &Args, stop: &AtomicBool, stack: &mut Stack) -> Result<()> {
             &bins.path("edge-agent"),
             &["run", "--config", "edge-agent.toml"],
             dir.join(format!("logs/{id}.log")),
+            &dir.join(PIDS),
         )?);
         agent_ports.push(p);
     }
