@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use crate::outbox::{Class, DropReason};
 use crate::runtime::{Histogram, Loaded, LATENCY_BUCKETS_US};
 use crate::service::AppState;
+use crate::telemetry::VersionDrift;
 
 fn esc(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -265,6 +266,8 @@ pub fn render(state: &AppState) -> String {
         }
     }
 
+    render_drift(&mut out, &state.telemetry.drift.snapshot());
+
     header(
         &mut out,
         "edge_agent_installs_total",
@@ -338,6 +341,74 @@ pub fn render(state: &AppState) -> String {
     );
     render_telemetry(state, &mut out);
     out
+}
+
+/// The data-drift families of the last telemetry window (one entry per active version with
+/// a reference profile): the metrics per feature (the prediction distribution as feature
+/// `__prediction__`), the alert flags and the rows observed. A metric that is undefined
+/// (e.g. no rows in the window) or not finite has no series.
+fn render_drift(out: &mut String, versions: &[VersionDrift]) {
+    header(
+        out,
+        "edge_agent_drift_score",
+        "gauge",
+        "Data drift of a feature against the bundle's reference in the last telemetry window, by metric (psi, js, wasserstein, wasserstein_norm, ks_bound).",
+    );
+    for v in versions {
+        let lbl = format!("model=\"{}\",release=\"{}\"", esc(&v.model), v.release);
+        for f in &v.features {
+            let m = &f.metrics;
+            for (metric, value) in [
+                ("psi", m.psi),
+                ("js", m.js),
+                ("wasserstein", m.wasserstein),
+                ("wasserstein_norm", m.wasserstein_norm),
+                ("ks_bound", m.ks_bound),
+            ] {
+                if let Some(value) = value.filter(|x| x.is_finite()) {
+                    let _ = writeln!(
+                        out,
+                        "edge_agent_drift_score{{{lbl},feature=\"{}\",metric=\"{metric}\"}} {}",
+                        esc(&f.feature),
+                        fmt_f(value)
+                    );
+                }
+            }
+        }
+    }
+    header(
+        out,
+        "edge_agent_drift_alert",
+        "gauge",
+        "1 while a feature's drift alert is raised (the alert metric above its threshold for the configured number of windows).",
+    );
+    for v in versions {
+        for f in &v.features {
+            let _ = writeln!(
+                out,
+                "edge_agent_drift_alert{{model=\"{}\",release=\"{}\",feature=\"{}\"}} {}",
+                esc(&v.model),
+                v.release,
+                esc(&f.feature),
+                u8::from(f.alert)
+            );
+        }
+    }
+    header(
+        out,
+        "edge_agent_drift_window_rows",
+        "gauge",
+        "Rows observed in the last telemetry window (0: no data, no drift score).",
+    );
+    for v in versions {
+        let _ = writeln!(
+            out,
+            "edge_agent_drift_window_rows{{model=\"{}\",release=\"{}\"}} {}",
+            esc(&v.model),
+            v.release,
+            v.rows
+        );
+    }
 }
 
 /// The outbox, sync, feedback and health families.
@@ -616,4 +687,102 @@ pub fn telemetry_json(state: &AppState) -> serde_json::Value {
         "feedback": state.feedback.summaries(),
         "health": state.health_sample.lock().ok().and_then(|s| s.clone()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::{FeatureDrift, PREDICTION_FEATURE};
+    use shared::drift::DriftMetrics;
+
+    fn sample_lines<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .collect()
+    }
+
+    #[test]
+    fn drift_families_render_values_alerts_and_omit_undefined_metrics() {
+        let versions = vec![VersionDrift {
+            model: "pdm \"x\"\\y".into(),
+            release: 7,
+            rows: 250,
+            features: vec![
+                FeatureDrift {
+                    feature: "torque".into(),
+                    metrics: DriftMetrics {
+                        psi: Some(3.25),
+                        js: Some(0.5),
+                        wasserstein: Some(120.0),
+                        wasserstein_norm: Some(12.5),
+                        ks_bound: Some(0.75),
+                    },
+                    alert: true,
+                },
+                FeatureDrift {
+                    feature: "wear".into(),
+                    metrics: DriftMetrics {
+                        psi: Some(0.0125),
+                        js: None,
+                        wasserstein: Some(f64::NAN),
+                        wasserstein_norm: None,
+                        ks_bound: None,
+                    },
+                    alert: false,
+                },
+                FeatureDrift {
+                    feature: PREDICTION_FEATURE.into(),
+                    metrics: DriftMetrics::default(),
+                    alert: false,
+                },
+            ],
+        }];
+        let mut out = String::new();
+        render_drift(&mut out, &versions);
+        let m = r#"model="pdm \"x\"\\y",release="7""#;
+        assert_eq!(
+            sample_lines(&out, "edge_agent_drift_score"),
+            [
+                format!(r#"edge_agent_drift_score{{{m},feature="torque",metric="psi"}} 3.25"#),
+                format!(r#"edge_agent_drift_score{{{m},feature="torque",metric="js"}} 0.5"#),
+                format!(
+                    r#"edge_agent_drift_score{{{m},feature="torque",metric="wasserstein"}} 120"#
+                ),
+                format!(
+                    r#"edge_agent_drift_score{{{m},feature="torque",metric="wasserstein_norm"}} 12.5"#
+                ),
+                format!(r#"edge_agent_drift_score{{{m},feature="torque",metric="ks_bound"}} 0.75"#),
+                format!(r#"edge_agent_drift_score{{{m},feature="wear",metric="psi"}} 0.0125"#),
+            ]
+        );
+        assert_eq!(
+            sample_lines(&out, "edge_agent_drift_alert"),
+            [
+                format!(r#"edge_agent_drift_alert{{{m},feature="torque"}} 1"#),
+                format!(r#"edge_agent_drift_alert{{{m},feature="wear"}} 0"#),
+                format!(r#"edge_agent_drift_alert{{{m},feature="__prediction__"}} 0"#),
+            ]
+        );
+        assert_eq!(
+            sample_lines(&out, "edge_agent_drift_window_rows"),
+            [format!("edge_agent_drift_window_rows{{{m}}} 250")]
+        );
+        assert!(!out.contains("NaN"), "{out}");
+        for family in [
+            "edge_agent_drift_score",
+            "edge_agent_drift_alert",
+            "edge_agent_drift_window_rows",
+        ] {
+            assert!(out.contains(&format!("# HELP {family} ")), "{out}");
+            assert!(out.contains(&format!("# TYPE {family} gauge\n")), "{out}");
+        }
+    }
+
+    #[test]
+    fn no_drift_window_yet_renders_only_the_headers() {
+        let mut out = String::new();
+        render_drift(&mut out, &[]);
+        assert_eq!(out.lines().count(), 6, "{out}");
+        assert!(out.lines().all(|l| l.starts_with('#')), "{out}");
+    }
 }

@@ -271,6 +271,9 @@ pub struct Loaded {
     /// Per reference feature: its name and position in the schema (for rows that send the
     /// whole feature vector as one input), computed once at load.
     drift_features: Vec<(String, usize)>,
+    /// Index of the reference's `class_probability` class in the model's class labels (for
+    /// probability outputs that are arrays, not ZipMap objects).
+    prediction_class: Option<usize>,
     /// This version's key and task for the feedback loop.
     pub feedback_key: ModelKey,
     pub feedback_spec: Arc<ModelSpec>,
@@ -303,11 +306,21 @@ impl Loaded {
                     .collect()
             })
             .unwrap_or_default();
+        let prediction_class = manifest
+            .reference
+            .as_ref()
+            .and_then(|r| r.predictions.as_ref())
+            .and_then(|p| p.class.as_ref())
+            .and_then(|c| {
+                let labels = model.class_labels()?;
+                (0..labels.len()).position(|i| labels.key(i) == *c)
+            });
         let feedback_key = ModelKey::new(&manifest.name, &manifest.version, manifest.release);
         let feedback_spec = Arc::new(ModelSpec::from_manifest(&manifest, model.class_labels()));
         Loaded {
             drift,
             drift_features,
+            prediction_class,
             feedback_key,
             feedback_spec,
             distributions,
@@ -506,7 +519,11 @@ fn feature_value(row: &Map<String, Value>, name: &str, pos: usize) -> f64 {
 }
 
 /// The prediction score the bundle's prediction profile describes, from a rendered row.
-pub fn prediction_score(p: &PredictionProfile, out: &Map<String, Value>) -> Option<f64> {
+pub fn prediction_score(
+    p: &PredictionProfile,
+    class_index: Option<usize>,
+    out: &Map<String, Value>,
+) -> Option<f64> {
     let v = out.get(&p.output)?;
     let top = |it: &mut dyn Iterator<Item = &Value>| it.filter_map(Value::as_f64).reduce(f64::max);
     match (v, p.score, &p.class) {
@@ -514,6 +531,11 @@ pub fn prediction_score(p: &PredictionProfile, out: &Map<String, Value>) -> Opti
             o.get(c).and_then(Value::as_f64)
         }
         (Value::Object(o), _, _) => top(&mut o.values()),
+        // a probability tensor [N, classes]: the class's column, as `fleetctl bundle build`
+        // profiled it
+        (Value::Array(a), PredictionScore::ClassProbability, Some(_)) => {
+            a.get(class_index?).and_then(Value::as_f64)
+        }
         (Value::Array(a), PredictionScore::TopProbability, _) => top(&mut a.iter()),
         (Value::Array(a), PredictionScore::Value, _) if a.len() == 1 => a[0].as_f64(),
         (Value::Array(_), _, _) => None,
@@ -536,7 +558,10 @@ fn observe_drift(l: &Loaded, rows: &[Map<String, Value>], outputs: &[Map<String,
         }
     }
     let scores: Vec<Option<f64>> = match &reference.predictions {
-        Some(p) => outputs.iter().map(|o| prediction_score(p, o)).collect(),
+        Some(p) => outputs
+            .iter()
+            .map(|o| prediction_score(p, l.prediction_class, o))
+            .collect(),
         None => Vec::new(),
     };
     let Ok(mut d) = drift.lock() else { return };
@@ -859,6 +884,27 @@ mod tests {
         m.insert("a".into(), a);
         m.insert("b".into(), b);
         m
+    }
+
+    #[test]
+    fn class_probability_of_an_array_output_is_the_class_column() {
+        let profile = PredictionProfile {
+            output: "probabilities".into(),
+            score: PredictionScore::ClassProbability,
+            class: Some("1".into()),
+            profile: shared::drift::profile("prediction", &[0.1, 0.9], 2),
+        };
+        let mut out = Map::new();
+        out.insert("probabilities".into(), serde_json::json!([0.2, 0.8]));
+        assert_eq!(prediction_score(&profile, Some(1), &out), Some(0.8));
+        assert_eq!(prediction_score(&profile, Some(0), &out), Some(0.2));
+        // the class is not one of the model's labels: no score rather than a wrong one
+        assert_eq!(prediction_score(&profile, None, &out), None);
+        out.insert(
+            "probabilities".into(),
+            serde_json::json!({"0": 0.3, "1": 0.7}),
+        );
+        assert_eq!(prediction_score(&profile, None, &out), Some(0.7));
     }
 
     #[test]

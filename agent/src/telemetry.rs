@@ -7,14 +7,17 @@
 //! `shared/docs/mqtt-protocol.md`. Producing never blocks inference: windows are cut on a
 //! timer off the request path, a failed append is counted (the outbox counts `io` drops) and
 //! logged, never retried in a loop, and without an outbox the record is counted as dropped.
+//!
+//! Each window also replaces [`DriftGauges`]: the last window's drift metrics and alert
+//! flags per active (model, release), which `/metrics` exports.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
-use shared::drift::{AlertTracker, Privatizer};
+use shared::drift::{AlertTracker, DriftMetrics, DriftSummary, Privatizer};
 use tokio::sync::Notify;
 
 use crate::config::Config;
@@ -33,6 +36,96 @@ pub struct Telemetry {
     pub unavailable: AtomicU64,
     /// Why the outbox is unavailable, if it is.
     pub open_error: Option<String>,
+    /// The last telemetry window's drift per active version (for `/metrics`).
+    pub drift: DriftGauges,
+}
+
+/// The `feature` label value of the prediction distribution's drift in `/metrics` (input
+/// features keep their reference names; an input feature with this exact name is not
+/// exported, it would collide).
+pub const PREDICTION_FEATURE: &str = "__prediction__";
+
+/// At most this many versions are kept in [`DriftGauges`] (one per active model; more
+/// active models than this are left out of `/metrics`, not of the drift records).
+pub const MAX_DRIFT_VERSIONS: usize = 256;
+
+/// One feature's (or the prediction distribution's) drift in the last window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureDrift {
+    /// The feature name, [`PREDICTION_FEATURE`] for the prediction distribution.
+    pub feature: String,
+    /// The metrics against the reference; each absent when undefined (e.g. no rows).
+    pub metrics: DriftMetrics,
+    /// The [`AlertTracker`] flag: the alert metric above its threshold for the configured
+    /// number of consecutive windows.
+    pub alert: bool,
+}
+
+/// The last window's drift of one active version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionDrift {
+    pub model: String,
+    pub release: u64,
+    /// Rows observed in the window (0: no data, the metrics are absent).
+    pub rows: u64,
+    /// Input features in the reference's order, then the prediction distribution.
+    pub features: Vec<FeatureDrift>,
+}
+
+impl VersionDrift {
+    /// The gauges of `summary` (after [`AlertTracker::update`] set its flags).
+    pub fn from_summary(model: &str, release: u64, summary: &DriftSummary) -> VersionDrift {
+        let inputs = summary
+            .features
+            .iter()
+            .filter(|f| f.name != PREDICTION_FEATURE)
+            .map(|f| FeatureDrift {
+                feature: f.name.clone(),
+                metrics: f.metrics,
+                alert: f.alert,
+            });
+        let prediction = summary.predictions.iter().map(|f| FeatureDrift {
+            feature: PREDICTION_FEATURE.to_string(),
+            metrics: f.metrics,
+            alert: f.alert,
+        });
+        VersionDrift {
+            model: model.to_string(),
+            release,
+            rows: summary.rows,
+            features: inputs.chain(prediction).collect(),
+        }
+    }
+}
+
+/// The last window's drift per active (model, release): replaced as a whole every window,
+/// so a version no longer active disappears; bounded by [`MAX_DRIFT_VERSIONS`].
+#[derive(Debug, Default)]
+pub struct DriftGauges {
+    last: Mutex<BTreeMap<(String, u64), VersionDrift>>,
+}
+
+impl DriftGauges {
+    /// Replaces every entry with `versions` (the active versions of the window just cut);
+    /// beyond [`MAX_DRIFT_VERSIONS`] the rest are left out.
+    pub fn replace(&self, versions: Vec<VersionDrift>) {
+        let map: BTreeMap<(String, u64), VersionDrift> = versions
+            .into_iter()
+            .take(MAX_DRIFT_VERSIONS)
+            .map(|v| ((v.model.clone(), v.release), v))
+            .collect();
+        if let Ok(mut last) = self.last.lock() {
+            *last = map;
+        }
+    }
+
+    /// The entries, ordered by model and release.
+    pub fn snapshot(&self) -> Vec<VersionDrift> {
+        self.last
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 impl Telemetry {
@@ -49,6 +142,7 @@ impl Telemetry {
                     wake: Arc::new(Notify::new()),
                     unavailable: AtomicU64::new(0),
                     open_error: None,
+                    drift: DriftGauges::default(),
                 };
                 if let Some(q) = quarantined {
                     tracing::error!(moved_to = %q.moved_to.display(), error = %q.error, "outbox database did not open; quarantined and recreated");
@@ -68,6 +162,7 @@ impl Telemetry {
                     wake: Arc::new(Notify::new()),
                     unavailable: AtomicU64::new(0),
                     open_error: Some(e.to_string()),
+                    drift: DriftGauges::default(),
                 }
             }
         };
@@ -317,6 +412,7 @@ impl Producer {
         let mut events = Vec::new();
         let models = self.state.registry.all();
         let mut seen = Vec::new();
+        let mut gauges = Vec::new();
         for l in &models {
             let key = (l.name.clone(), l.release);
             seen.push(key.clone());
@@ -382,6 +478,7 @@ impl Producer {
                             }),
                         ));
                     }
+                    gauges.push(VersionDrift::from_summary(&l.name, l.release, &summary));
                     records.push((
                         Class::Drift,
                         json!({
@@ -403,6 +500,7 @@ impl Producer {
         }
         self.last.retain(|k, _| seen.contains(k));
         self.trackers.retain(|k, _| seen.contains(k));
+        self.state.telemetry.drift.replace(gauges);
         records.extend(events.into_iter().map(|e| (Class::Event, e)));
         self.state.telemetry.emit(records);
     }
@@ -449,5 +547,125 @@ impl Producer {
     /// A version was activated: the latency and error charts start a new calibration.
     pub fn recalibrate(&mut self) {
         self.monitor.recalibrate(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::drift::{AlertConfig, FeatureSummary, DRIFT_SUMMARY_VERSION};
+
+    fn feature(name: &str, psi: Option<f64>) -> FeatureSummary {
+        FeatureSummary {
+            name: name.into(),
+            count: u64::from(psi.is_some()) * 100,
+            missing: 0,
+            mean: None,
+            std: None,
+            min: None,
+            max: None,
+            histogram: vec![0; 10],
+            suppressed: 0,
+            suppressed_bins: Vec::new(),
+            metrics: DriftMetrics {
+                psi,
+                js: psi.map(|p| p / 10.0),
+                ..DriftMetrics::default()
+            },
+            alert: false,
+        }
+    }
+
+    fn summary(rows: u64, features: Vec<FeatureSummary>, pred: Option<f64>) -> DriftSummary {
+        DriftSummary {
+            version: DRIFT_SUMMARY_VERSION,
+            reference_id: "0123456789abcdef".into(),
+            start_unix_ms: 0,
+            end_unix_ms: 1000,
+            windows: 1,
+            rows,
+            features,
+            predictions: Some(feature("prediction", pred)),
+            privacy: None,
+        }
+    }
+
+    #[test]
+    fn version_drift_carries_metrics_alerts_and_the_prediction() {
+        let mut tracker = AlertTracker::new(AlertConfig {
+            windows: 2,
+            ..AlertConfig::default()
+        });
+        let mut s = summary(
+            100,
+            vec![feature("torque", Some(3.5)), feature("wear", Some(0.01))],
+            Some(0.4),
+        );
+        tracker.update(&mut s);
+        let first = VersionDrift::from_summary("pdm", 4, &s);
+        assert!(first.features.iter().all(|f| !f.alert), "{first:?}");
+        // the second window above the threshold raises torque and the prediction
+        tracker.update(&mut s);
+        let v = VersionDrift::from_summary("pdm", 4, &s);
+        assert_eq!((v.model.as_str(), v.release, v.rows), ("pdm", 4, 100));
+        let names: Vec<(&str, bool, Option<f64>)> = v
+            .features
+            .iter()
+            .map(|f| (f.feature.as_str(), f.alert, f.metrics.psi))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("torque", true, Some(3.5)),
+                ("wear", false, Some(0.01)),
+                (PREDICTION_FEATURE, true, Some(0.4)),
+            ]
+        );
+        // a window without data keeps the flags, the metrics are absent
+        let mut empty = summary(
+            0,
+            vec![feature("torque", None), feature("wear", None)],
+            None,
+        );
+        tracker.update(&mut empty);
+        let v = VersionDrift::from_summary("pdm", 4, &empty);
+        assert_eq!(v.rows, 0);
+        assert!(v.features[0].alert && v.features[0].metrics.psi.is_none());
+    }
+
+    #[test]
+    fn an_input_named_like_the_prediction_label_is_left_out() {
+        let s = summary(5, vec![feature(PREDICTION_FEATURE, Some(1.0))], Some(0.1));
+        let v = VersionDrift::from_summary("m", 1, &s);
+        assert_eq!(v.features.len(), 1);
+        assert_eq!(v.features[0].metrics.psi, Some(0.1));
+    }
+
+    #[test]
+    fn gauges_are_replaced_per_window_and_bounded() {
+        let g = DriftGauges::default();
+        let v = |model: &str, release| VersionDrift {
+            model: model.into(),
+            release,
+            rows: 1,
+            features: Vec::new(),
+        };
+        g.replace(vec![v("b", 2), v("a", 1)]);
+        let keys: Vec<(String, u64)> = g
+            .snapshot()
+            .into_iter()
+            .map(|v| (v.model, v.release))
+            .collect();
+        assert_eq!(keys, [("a".to_string(), 1), ("b".to_string(), 2)]);
+        // b@2 is no longer active: gone after the next window
+        g.replace(vec![v("a", 1), v("b", 3)]);
+        let keys: Vec<u64> = g.snapshot().into_iter().map(|v| v.release).collect();
+        assert_eq!(keys, [1, 3]);
+        g.replace(
+            (0..MAX_DRIFT_VERSIONS as u64 + 10)
+                .map(|r| v("m", r))
+                .collect(),
+        );
+        assert_eq!(g.snapshot().len(), MAX_DRIFT_VERSIONS);
     }
 }

@@ -169,6 +169,7 @@ fn alert_rules_cover_the_issue_and_each_has_firing_and_quiet_tests() {
     let names = alert_names(&rules);
     for must in [
         "EdgeConceptDrift",
+        "EdgeDataDrift",
         "EdgeDeviceDown",
         "EdgeOutboxNearCap",
         "EdgeRollbackSpike",
@@ -457,6 +458,9 @@ fn the_scan_finds_the_exported_names_and_flags_others() {
         "edge_agent_prediction_score",
         "edge_agent_outbox_max_bytes",
         "edge_agent_sync_reconnects_total",
+        "edge_agent_drift_score",
+        "edge_agent_drift_alert",
+        "edge_agent_drift_window_rows",
         "fleet_ingest_records_stored_total",
         "fleet_broker_connected",
         "fleet_devices",
@@ -545,6 +549,7 @@ fn grafana_dashboard_uses_only_exported_metrics() {
         "edge_agent_model_info",
         "edge_agent_feature_value_bucket",
         "edge_agent_concept_drift",
+        "edge_agent_drift_score",
         "edge_agent_outbox_pending_records",
         "edge_agent_outbox_dropped_total",
         "fleet_devices",

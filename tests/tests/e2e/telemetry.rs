@@ -496,3 +496,105 @@ fn telemetry_a_full_disk_under_the_outbox_never_stops_inference() {
         "no io drops in /metrics"
     );
 }
+
+/// The value of the `/metrics` sample `series` (name and labels exactly as rendered).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn telemetry_data_drift_is_exported_on_metrics() {
+    let tmp = scratch();
+    let d = tmp.path();
+    install_example_agent(d);
+    let port = free_port();
+    // no broker: the window's drift is exported whether or not it is delivered; one window
+    // above the threshold raises the alert
+    write_config(d, port, free_port(), 256 * 1024 * 1024);
+    let cfg = std::fs::read_to_string(d.join("agent.toml")).unwrap();
+    let cfg = cfg.split("[sync]").next().unwrap().to_string();
+    std::fs::write(d.join("agent.toml"), cfg + "[drift.alert]\nwindows = 1\n").unwrap();
+    let mut agent = start_agent(d, port);
+
+    // reference rows, except torque far above anything in the reference (max 74.61 Nm)
+    let csv = std::fs::read_to_string(e2e_tests::pdm().join("reference.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let rows: Vec<Value> = lines
+        .filter_map(|l| {
+            let vals: Vec<f64> = l
+                .split(',')
+                .map(|v| v.parse().ok())
+                .collect::<Option<_>>()?;
+            let mut row = serde_json::Map::new();
+            for (k, v) in header.iter().zip(vals) {
+                let v = if *k == "torque_nm" { 500.0 } else { v };
+                row.insert(k.to_string(), v.into());
+            }
+            Some(Value::Object(row))
+        })
+        .take(300)
+        .collect();
+    assert_eq!(rows.len(), 300);
+    let body = serde_json::json!({ "instances": rows }).to_string();
+    let json = [("Content-Type", "application/json")];
+
+    let m = r#"model="pdm-failure",release="1""#;
+    let torque_psi = format!(r#"edge_agent_drift_score{{{m},feature="torque_nm",metric="psi"}}"#);
+    let air_psi =
+        format!(r#"edge_agent_drift_score{{{m},feature="air_temperature_k",metric="psi"}}"#);
+    let torque_alert = format!(r#"edge_agent_drift_alert{{{m},feature="torque_nm"}}"#);
+    let air_alert = format!(r#"edge_agent_drift_alert{{{m},feature="air_temperature_k"}}"#);
+    let window_rows = format!("edge_agent_drift_window_rows{{{m}}}");
+    let mut last = String::new();
+    let drifted = wait_until(Duration::from_secs(30), || {
+        let (code, out) = http(
+            port,
+            "POST",
+            "/v1/models/pdm-failure:predict",
+            &json,
+            body.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(code, 200, "{out}");
+        last = http(port, "GET", "/metrics", &[], b"").unwrap().1;
+        sample(&last, &window_rows).is_some_and(|r| r > 0.0)
+            && sample(&last, &torque_psi).is_some_and(|p| p > 1.0)
+            && sample(&last, &torque_alert) == Some(1.0)
+    });
+    assert!(drifted, "no drifted window in /metrics:\n{last}");
+    // the reference-like feature is quiet in the same window
+    let air = sample(&last, &air_psi).expect("air_temperature_k psi");
+    assert!((0.0..0.2).contains(&air), "air_temperature_k psi {air}");
+    assert_eq!(sample(&last, &air_alert), Some(0.0));
+    // the output distribution (the failure probability, column 1 of the probability tensor,
+    // as `fleetctl bundle build` profiled it): torque far out pushes it away from the
+    // reference
+    let pred = format!(r#"edge_agent_drift_score{{{m},feature="__prediction__",metric="psi"}}"#);
+    let pred_psi = sample(&last, &pred).unwrap_or_else(|| panic!("no {pred}:\n{last}"));
+    assert!(pred_psi > 0.2, "prediction psi {pred_psi}");
+    assert!(
+        !last
+            .lines()
+            .any(|l| l.starts_with("edge_agent_drift_") && l.ends_with("NaN")),
+        "{last}"
+    );
+    e2e_tests::promtool_check_metrics("agent with drift", &last);
+
+    // no more requests: a window without rows says "no data" (rows 0, no scores) and keeps
+    // the alert as it was
+    let quiet = wait_until(Duration::from_secs(10), || {
+        last = http(port, "GET", "/metrics", &[], b"").unwrap().1;
+        sample(&last, &window_rows) == Some(0.0)
+    });
+    assert!(quiet, "no empty window in /metrics:\n{last}");
+    assert!(
+        !last.contains(&format!("edge_agent_drift_score{{{m},")),
+        "{last}"
+    );
+    assert_eq!(sample(&last, &torque_alert), Some(1.0));
+    e2e_tests::promtool_check_metrics("agent after an empty window", &last);
+    agent.terminate(Duration::from_secs(10));
+}
