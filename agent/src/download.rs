@@ -11,7 +11,9 @@
 //! - `<sha>.json` (the progress: directive, model, release, size, chunk size, first missing
 //!   chunk) is replaced atomically only after the part file was fsynced, so after a kill -9
 //!   the download resumes from the first chunk the progress file names (everything before it
-//!   is on disk), re-asking for the rest;
+//!   is on disk), re-asking for the rest; the crash tests kill the process right there
+//!   (`EDGE_AGENT_FAULT=download`: SIGKILL after a window's progress was saved, the download
+//!   not complete yet);
 //! - a whole file whose SHA-256 differs from the directive's is deleted and never installed;
 //!   a download whose bundle is larger than `install.max_download_bytes` or the free disk is
 //!   refused before anything is written;
@@ -399,11 +401,11 @@ impl PartFile {
         self.progress.next = end;
         self.received.clear();
         self.save()?;
-        Ok(if self.is_complete() {
-            Accept::Complete
-        } else {
-            Accept::WindowDone
-        })
+        if self.is_complete() {
+            return Ok(Accept::Complete);
+        }
+        crate::store::fault_point_named("download");
+        Ok(Accept::WindowDone)
     }
 
     fn save(&self) -> Result<(), DownloadError> {

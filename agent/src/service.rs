@@ -473,10 +473,10 @@ pub async fn run(
     {
         // store events (installs, rollbacks, commits...) also go to the fleet
         let t = telemetry.clone();
+        store.set_event_tagger(Arc::new(tag_event));
         store.set_event_sink(Arc::new(
             move |model: &str, event: &str, detail: &serde_json::Value| {
-                let (model, detail) = tag_event(model, detail);
-                t.event(&model, event, detail)
+                t.event(model, event, detail.clone())
             },
         ));
     }

@@ -173,7 +173,14 @@ impl Step {
 }
 
 fn fault_point(step: Step) {
-    if std::env::var("EDGE_AGENT_FAULT").is_ok_and(|v| v == step.name()) {
+    fault_point_named(step.name());
+}
+
+/// Fault injection for the crash tests: when `EDGE_AGENT_FAULT` equals `name`, the process
+/// kills itself with SIGKILL here (install steps use [`Step::name`]; the download worker
+/// uses "download").
+pub(crate) fn fault_point_named(name: &str) {
+    if std::env::var("EDGE_AGENT_FAULT").is_ok_and(|v| v == name) {
         let pid = std::process::id().to_string();
         let _ = std::process::Command::new("kill")
             .args(["-9", &pid])
@@ -186,6 +193,11 @@ fn fault_point(step: Step) {
 /// Where events go besides `events.jsonl` (the service sends them to the outbox).
 pub type EventSink = std::sync::Arc<dyn Fn(&str, &str, &serde_json::Value) + Send + Sync>;
 
+/// Rewrites an event's (model, detail) before it is logged and sent (the service adds the
+/// fleet directive an install or rollback carries out).
+pub type EventTagger =
+    std::sync::Arc<dyn Fn(&str, &serde_json::Value) -> (String, serde_json::Value) + Send + Sync>;
+
 /// The state directory, opened and locked.
 pub struct Store {
     root: PathBuf,
@@ -194,6 +206,7 @@ pub struct Store {
     latency_runs: u32,
     _lock: File,
     event_sink: Option<EventSink>,
+    event_tagger: Option<EventTagger>,
 }
 
 impl std::fmt::Debug for Store {
@@ -318,6 +331,7 @@ impl Store {
             latency_runs: cfg.latency_runs.max(1),
             _lock: lock,
             event_sink: None,
+            event_tagger: None,
         };
         store.recover()?;
         Ok(store)
@@ -380,9 +394,19 @@ impl Store {
         self.event_sink = Some(sink);
     }
 
+    /// Rewrites every later event with `tagger` (in `events.jsonl` and for the sink alike).
+    pub fn set_event_tagger(&mut self, tagger: EventTagger) {
+        self.event_tagger = Some(tagger);
+    }
+
     /// Appends an event to `events.jsonl` (rotated to `events.1.jsonl` beyond 4 MiB) and
     /// hands it to the event sink.
     pub fn event(&self, model: &str, event: &str, detail: serde_json::Value) {
+        let (model, detail) = match &self.event_tagger {
+            Some(tag) => tag(model, &detail),
+            None => (model.to_string(), detail),
+        };
+        let model = model.as_str();
         if let Some(sink) = &self.event_sink {
             sink(model, event, &detail);
         }

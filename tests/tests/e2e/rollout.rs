@@ -1,8 +1,19 @@
 //! Staged rollouts end to end: a real `fleet-server run` (embedded broker) and real
-//! `edge-agent` processes that get signed directives, download the bundle in chunks over
-//! MQTT and install it through their own pipeline. A canary whose model fails on the device
-//! halts the rollout with no other device touched; a silent canary fails its wave at the
-//! deadline; a `kill -9` of the fleet server mid-rollout resumes and completes.
+//! `edge-agent run` processes that get signed directives, download the bundle in chunks over
+//! MQTT and install it through their own pipeline. Scenarios:
+//! - a canary whose bundle fails its golden samples on the device (validly signed, accepted
+//!   by the fleet) rejects it at install: the rollout halts, the canary never activated it,
+//!   no other device was sent a directive;
+//! - a canary whose new model returns NaN, or is tens of times slower, rolls back on the
+//!   device within its health window: the rollout halts with no other device touched;
+//! - a silent canary fails its wave at the deadline;
+//! - a `kill -9` of the fleet server mid-rollout resumes and completes, then a fleet-wide
+//!   rollback reaches an offline device when it returns;
+//! - `kill -9` of agents mid-rollout, inside the install pipeline (after the golden samples,
+//!   after activation) and between download windows: restarted on the same state, they
+//!   resume (a complete download is installed, a partial one continues where it stopped)
+//!   and the rollout completes;
+//! - fleetctl roles, a second admin's approval, fleet metrics and the audit log.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -13,7 +24,9 @@ use std::time::Duration;
 use e2e_tests::{
     bin, build_bundle, free_port, http, pdm, run_ok, scratch, wait_until, ChildGuard, PDM_FEATURES,
 };
+use edge_agent::runtime::MIN_FOR_P99;
 use serde_json::{json, Value};
+use shared::bundle::{assemble, read_unverified, Manifest};
 
 /// A `fleet-server run` process with its state in `<dir>/fleet-state`.
 struct Fleet {
@@ -32,6 +45,11 @@ impl Fleet {
     /// With more config (`extra`, appended; it may not repeat the sections above) and, when
     /// tokens are configured there, the admin token to use.
     fn start_with(dir: &Path, extra: &str, token: Option<&str>) -> Fleet {
+        Fleet::start_chunked(dir, extra, token, 65536)
+    }
+
+    /// As [`Fleet::start_with`], serving bundles in chunks of `chunk_bytes` (at least 4096).
+    fn start_chunked(dir: &Path, extra: &str, token: Option<&str>, chunk_bytes: usize) -> Fleet {
         let (http_port, broker) = (free_port(), free_port());
         std::fs::write(
             dir.join("fleet.toml"),
@@ -39,7 +57,7 @@ impl Fleet {
                 "state_dir = \"fleet-state\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\
                  {extra}\n\
                  [broker]\nlisten = \"127.0.0.1:{broker}\"\n\
-                 [bundles]\ntrust_root = \"root.pub\"\nchunk_bytes = 65536\n\
+                 [bundles]\ntrust_root = \"root.pub\"\nchunk_bytes = {chunk_bytes}\n\
                  [rollouts]\ntick_ms = 100\n"
             ),
         )
@@ -165,10 +183,31 @@ struct Agent {
     dir: PathBuf,
     port: u16,
     child: ChildGuard,
+    /// Processes started so far (names the log file of each: `agent.log`, `agent2.log`, ..).
+    runs: u32,
+}
+
+/// How [`Agent::start_opts`] starts an agent beyond the defaults.
+#[derive(Default)]
+struct AgentOpts<'a> {
+    /// Environment of the first process only (e.g. `EDGE_AGENT_FAULT`); restarts run without.
+    env: &'a [(&'a str, &'a str)],
+    /// `[health] min_predictions` (0 by default: a window ends healthy after 2 s).
+    min_predictions: u64,
 }
 
 impl Agent {
     fn start(base: &Path, id: &str, fleet: &Fleet, first_bundle: &str) -> Agent {
+        Agent::start_opts(base, id, fleet, first_bundle, &AgentOpts::default())
+    }
+
+    fn start_opts(
+        base: &Path,
+        id: &str,
+        fleet: &Fleet,
+        first_bundle: &str,
+        opts: &AgentOpts,
+    ) -> Agent {
         let dir = base.join(id);
         std::fs::create_dir_all(&dir).unwrap();
         let root_pub = base.join("root.pub");
@@ -198,7 +237,7 @@ tags = {{ site = "plant-a", line = "3" }}
 listen = "127.0.0.1:{port}"
 [health]
 window_secs = 2
-min_predictions = 0
+min_predictions = {min_predictions}
 [telemetry]
 window_secs = 1
 health_secs = 5
@@ -214,6 +253,7 @@ ack_timeout_ms = 2000
                 root = root_pub.display(),
                 broker = fleet.broker,
                 dkey = fleet.dir.join("fleet-state/directive.pub").display(),
+                min_predictions = opts.min_predictions,
             ),
         )
         .unwrap();
@@ -221,6 +261,7 @@ ack_timeout_ms = 2000
             Command::new(bin("edge-agent"))
                 .current_dir(&dir)
                 .args(["run", "--config", "agent.toml"])
+                .envs(opts.env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
                 .spawn()
@@ -231,6 +272,7 @@ ack_timeout_ms = 2000
             dir,
             port,
             child,
+            runs: 1,
         };
         assert!(
             wait_until(Duration::from_secs(30), || http(
@@ -246,15 +288,20 @@ ack_timeout_ms = 2000
         a
     }
 
-    /// Starts the agent again on the same state, config and port.
+    /// Starts the agent again on the same state, config and port (stopping it first with
+    /// SIGTERM unless it already exited), without the first process's extra environment.
     fn restart(&mut self) {
-        let _ = self.child.terminate(Duration::from_secs(15));
+        if matches!(self.child.0.try_wait(), Ok(None)) {
+            let _ = self.child.terminate(Duration::from_secs(15));
+        }
+        self.runs += 1;
+        let log = self.dir.join(format!("agent{}.log", self.runs));
         self.child = ChildGuard(
             Command::new(bin("edge-agent"))
                 .current_dir(&self.dir)
                 .args(["run", "--config", "agent.toml"])
                 .stdout(Stdio::null())
-                .stderr(std::fs::File::create(self.dir.join("agent2.log")).unwrap())
+                .stderr(std::fs::File::create(log).unwrap())
                 .spawn()
                 .unwrap(),
         );
@@ -285,12 +332,37 @@ ack_timeout_ms = 2000
     fn events(&self) -> String {
         std::fs::read_to_string(self.dir.join("state/events.jsonl")).unwrap_or_default()
     }
+
+    /// The details of the events named `name` (each test has one model), oldest first.
+    fn events_named(&self, name: &str) -> Vec<Value> {
+        self.events()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["event"] == name)
+            .map(|e| e["detail"].clone())
+            .collect()
+    }
+
+    /// Waits for the process to exit by itself (a fault point); its exit status.
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut status = None;
+        let child = &mut self.child.0;
+        wait_until(timeout, || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status.unwrap_or_else(|| {
+            panic!(
+                "{} did not exit within {timeout:?}; events:\n{}",
+                self.id,
+                self.events()
+            )
+        })
+    }
 }
 
 /// Keys and bundles in `d`: `root.key`/`root.pub`; the example model as `pdm-failure`
-/// releases 1 and 2 (`p1.bundle`, `p2.bundle`); `sensor` release 1 scales its inputs
-/// (`s1.bundle`), release 2 takes their logarithm (`s2.bundle`: passes its golden samples,
-/// returns NaN for negative readings).
+/// releases 1 and 2 (`p1.bundle`, `p2.bundle`).
 fn keys_and_bundles(d: &Path) {
     run_ok(d, "fleetctl", &["keygen", "--out", "root"]);
     build_bundle(
@@ -307,18 +379,6 @@ fn keys_and_bundles(d: &Path) {
         "2",
         "p2.bundle",
     );
-    std::fs::write(
-        d.join("scale.onnx"),
-        shared::engine::testing::scaler_model(6, Some(&PDM_FEATURES)),
-    )
-    .unwrap();
-    std::fs::write(
-        d.join("log.onnx"),
-        shared::engine::testing::unary_model("Log", 6, Some(&PDM_FEATURES)),
-    )
-    .unwrap();
-    build_bundle(d, &d.join("scale.onnx"), "sensor", "1", "s1.bundle");
-    build_bundle(d, &d.join("log.onnx"), "sensor", "2", "s2.bundle");
 }
 
 fn create(fleet: &Fleet, bundle: &str, waves: &[&str], timeout: &str, failure: &str) -> String {
@@ -336,9 +396,16 @@ fn create(fleet: &Fleet, bundle: &str, waves: &[&str], timeout: &str, failure: &
 }
 
 fn three_agents(d: &Path, fleet: &Fleet, first: &str) -> Vec<Agent> {
+    three_agents_opts(d, fleet, first, [(); 3].map(|()| AgentOpts::default()))
+}
+
+/// dev-a, dev-b and dev-c (in this order: the canary is the first in device-id order), each
+/// started with its options, all seen online by the fleet.
+fn three_agents_opts(d: &Path, fleet: &Fleet, first: &str, opts: [AgentOpts; 3]) -> Vec<Agent> {
     let agents: Vec<Agent> = ["dev-a", "dev-b", "dev-c"]
         .iter()
-        .map(|id| Agent::start(d, id, fleet, first))
+        .zip(&opts)
+        .map(|(id, o)| Agent::start_opts(d, id, fleet, first, o))
         .collect();
     assert!(
         wait_until(Duration::from_secs(30), || fleet.online() == 3),
@@ -347,23 +414,150 @@ fn three_agents(d: &Path, fleet: &Fleet, first: &str) -> Vec<Agent> {
     agents
 }
 
+/// `src` re-signed by `root.key` with the first output of its first golden sample changed:
+/// a validly signed bundle that fails its golden samples on every device.
+fn tamper_golden(d: &Path, src: &str, out: &str) {
+    let good = std::fs::read(d.join(src)).unwrap();
+    let (manifest_bytes, _) = read_unverified(&d.join(src), &Default::default()).unwrap();
+    let mut m = Manifest::parse(&manifest_bytes).unwrap();
+    let payload = &good[good.len() - m.payload.size as usize..];
+    let p = m.golden.samples[0].output.get_mut("probabilities").unwrap();
+    p[0] = json!(p[0].as_f64().unwrap() + 0.01);
+    let root = shared::trust::SecretKey::load(&d.join("root.key")).unwrap();
+    std::fs::write(d.join(out), assemble(&mut m, payload, &root).unwrap()).unwrap();
+}
+
 #[test]
-fn rollout_canary_whose_model_fails_on_the_device_halts_with_no_other_device_touched() {
+fn rollout_canary_whose_bundle_fails_its_golden_samples_halts_with_no_other_device_touched() {
     let tmp = scratch();
     let d = tmp.path();
     keys_and_bundles(d);
+    tamper_golden(d, "p2.bundle", "p2-bad-golden.bundle");
     let fleet = Fleet::start(d);
-    let agents = three_agents(d, &fleet, "s1.bundle");
-    fleet.push(&d.join("s2.bundle"));
+    let agents = three_agents(d, &fleet, "p1.bundle");
+    // validly signed: the fleet stores it and may roll it out
+    let b = fleet.push(&d.join("p2-bad-golden.bundle"));
+    assert_eq!(b["signoff"]["state"], "ready", "{b:#}");
 
-    // negative readings on every device, all the time: release 2 answers them with NaN
+    let id = create(&fleet, "pdm-failure@2.0", &["1", "2", "3"], "2m", "0%");
+    let r = fleet.wait_state(&id, "halted", Duration::from_secs(120));
+    assert!(
+        r["halt_reason"].as_str().is_some_and(|s| !s.is_empty()),
+        "{r:#}"
+    );
+    assert_eq!(r["waves"][0]["devices"], json!(["dev-a"]), "{r:#}");
+    assert_eq!(r["waves"][0]["state"], "failed", "{r:#}");
+    assert_eq!(r["waves"][1]["state"], "pending", "{r:#}");
+    assert_eq!(r["waves"][2]["state"], "pending", "{r:#}");
+
+    // the canary downloaded it and rejected it at install, naming the directive
+    let canary = &agents[0];
+    let dev = &r["devices"]["dev-a"];
+    assert_eq!(dev["state"], "failed", "{dev:#}");
+    assert!(
+        dev["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("golden samples failed")),
+        "{dev:#}"
+    );
+    let rejected = canary.events_named("install_rejected");
+    assert_eq!(rejected.len(), 1, "{}", canary.events());
+    let directive = dev["directive"].as_str().unwrap();
+    assert_eq!(
+        rejected[0]["source"],
+        format!("fleet:{directive}"),
+        "{:#}",
+        rejected[0]
+    );
+    // the local event log names the directive, model and release like the fleet's copy
+    assert_eq!(rejected[0]["directive"], directive, "{:#}", rejected[0]);
+    assert_eq!(rejected[0]["model"], "pdm-failure", "{:#}", rejected[0]);
+    assert_eq!(rejected[0]["release"], 2, "{:#}", rejected[0]);
+    let local = canary
+        .events()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["event"] == "install_rejected")
+        .unwrap();
+    assert_eq!(local["model"], "pdm-failure", "{local:#}");
+    assert!(
+        rejected[0]["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("golden samples failed")),
+        "{:#}",
+        rejected[0]
+    );
+    assert_eq!(
+        canary.events_named("download_started").len(),
+        1,
+        "{}",
+        canary.events()
+    );
+    // still on release 1, release 2 never activated (not even briefly)
+    let st = canary.status("pdm-failure");
+    assert_eq!(st["active"]["release"], 1, "{st:#}");
+    assert!(st["last_rollback"].is_null(), "{st:#}");
+    assert!(
+        canary
+            .events_named("activated")
+            .iter()
+            .all(|e| e["release"] != 2),
+        "{}",
+        canary.events()
+    );
+    for a in &agents[1..] {
+        assert_eq!(r["devices"][&a.id]["state"], "pending", "{}: {r:#}", a.id);
+        assert!(r["devices"][&a.id]["directive"].is_null(), "{r:#}");
+        assert!(!a.events().contains("download_started"), "{}", a.id);
+        assert_eq!(a.status("pdm-failure")["active"]["release"], 1, "{}", a.id);
+    }
+}
+
+/// Model `model`: release 1 scales its inputs, release 2 is `release2` (passes its golden
+/// samples). A rollout in waves 1, 2, 3 while traffic with `value` in every feature reaches
+/// every device: the canary rolls release 2 back on the device within its health window
+/// with a reason containing `reason`, the rollout halts, and the other two devices are never
+/// sent a directive.
+///
+/// The agents run with `min_predictions` = [`MIN_FOR_P99`] (100), the most requests any
+/// health check needs before it judges (error and NaN rates: 20; p99 latency: 100): the
+/// window cannot end healthy before every check applied, so too little traffic leaves the
+/// canary in its window (this test then fails at the wave deadline) rather than committing
+/// it unjudged.
+fn canary_rolls_back_on_the_device_and_halts(
+    model: &str,
+    release2: Vec<u8>,
+    value: f64,
+    reason: &str,
+) {
+    let tmp = scratch();
+    let d = tmp.path();
+    run_ok(d, "fleetctl", &["keygen", "--out", "root"]);
+    std::fs::write(
+        d.join("r1.onnx"),
+        shared::engine::testing::scaler_model(6, Some(&PDM_FEATURES)),
+    )
+    .unwrap();
+    std::fs::write(d.join("r2.onnx"), release2).unwrap();
+    build_bundle(d, &d.join("r1.onnx"), model, "1", "m1.bundle");
+    build_bundle(d, &d.join("r2.onnx"), model, "2", "m2.bundle");
+    let fleet = Fleet::start(d);
+    let judged = || AgentOpts {
+        min_predictions: MIN_FOR_P99,
+        ..AgentOpts::default()
+    };
+    let agents = three_agents_opts(d, &fleet, "m1.bundle", [judged(), judged(), judged()]);
+    fleet.push(&d.join("m2.bundle"));
+
+    // traffic on every device, all the time
     let stop = Arc::new(AtomicBool::new(false));
     let ports: Vec<u16> = agents.iter().map(|a| a.port).collect();
     let s = stop.clone();
+    let path = format!("/v1/models/{model}:predict");
     let traffic = std::thread::spawn(move || {
         let mut row = serde_json::Map::new();
         for f in PDM_FEATURES {
-            row.insert(f.into(), json!(-1.0));
+            row.insert(f.into(), json!(value));
         }
         let body = json!({"instances": [row]}).to_string();
         while !s.load(Ordering::Relaxed) {
@@ -371,7 +565,7 @@ fn rollout_canary_whose_model_fails_on_the_device_halts_with_no_other_device_tou
                 let _ = http(
                     *p,
                     "POST",
-                    "/v1/models/sensor:predict",
+                    &path,
                     &[("Content-Type", "application/json")],
                     body.as_bytes(),
                 );
@@ -380,29 +574,28 @@ fn rollout_canary_whose_model_fails_on_the_device_halts_with_no_other_device_tou
         }
     });
 
-    let id = create(&fleet, "sensor@2.0", &["1", "2", "3"], "2m", "0%");
+    let bundle = format!("{model}@2.0");
+    let id = create(&fleet, &bundle, &["1", "2", "3"], "2m", "0%");
     let r = fleet.wait_state(&id, "halted", Duration::from_secs(120));
     stop.store(true, Ordering::Relaxed);
     traffic.join().unwrap();
 
-    let canary: Vec<String> = r["waves"][0]["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(canary.len(), 1, "{r:#}");
-    assert!(r["halt_reason"].is_string(), "{r:#}");
+    assert_eq!(r["waves"][0]["devices"], json!(["dev-a"]), "{r:#}");
+    assert!(
+        r["halt_reason"].as_str().is_some_and(|s| !s.is_empty()),
+        "{r:#}"
+    );
     for a in &agents {
-        let st = a.status("sensor");
+        let st = a.status(model);
         assert_eq!(st["active"]["release"], 1, "{}: {st:#}", a.id);
         let dev = &r["devices"][&a.id];
-        if canary.contains(&a.id) {
+        if a.id == "dev-a" {
             // installed, then rolled back on the device by its health window
+            eprintln!("{}: {}", a.id, st["last_rollback"]["reason"]);
             assert!(
                 st["last_rollback"]["reason"]
                     .as_str()
-                    .is_some_and(|s| s.contains("NaN")),
+                    .is_some_and(|s| s.contains(reason)),
                 "{}: {st:#}",
                 a.id
             );
@@ -410,7 +603,19 @@ fn rollout_canary_whose_model_fails_on_the_device_halts_with_no_other_device_tou
                 matches!(dev["state"].as_str(), Some("failed" | "rolled_back")),
                 "{dev:#}"
             );
-            assert!(a.events().contains("download_started"));
+            assert!(
+                dev["reason"].as_str().is_some_and(|s| s.contains(reason)),
+                "{dev:#}"
+            );
+            let activated = a.events_named("activated");
+            assert!(
+                activated.iter().any(|e| e["release"] == 2),
+                "{}",
+                a.events()
+            );
+            let rolled = a.events_named("rolled_back");
+            assert_eq!(rolled.len(), 1, "{}", a.events());
+            assert_eq!(rolled[0]["from"], 2, "{:#}", rolled[0]);
         } else {
             // never sent a directive: nothing downloaded, nothing installed
             assert_eq!(dev["state"], "pending", "{}: {dev:#}", a.id);
@@ -419,6 +624,29 @@ fn rollout_canary_whose_model_fails_on_the_device_halts_with_no_other_device_tou
         }
     }
     assert_eq!(r["waves"][1]["state"], "pending", "{r:#}");
+}
+
+#[test]
+fn rollout_canary_whose_model_fails_on_the_device_halts_with_no_other_device_touched() {
+    // release 2 takes the logarithm: NaN for the negative readings of the traffic
+    canary_rolls_back_on_the_device_and_halts(
+        "sensor",
+        shared::engine::testing::unary_model("Log", 6, Some(&PDM_FEATURES)),
+        -1.0,
+        "NaN",
+    );
+}
+
+#[test]
+fn rollout_canary_whose_model_slows_down_on_the_device_halts_with_no_other_device_touched() {
+    // release 2 computes the same kind of thing the slow way (each row broadcast 50,000
+    // times and summed): tens of times slower than release 1's install-time p99
+    canary_rolls_back_on_the_device_and_halts(
+        "scorer",
+        shared::engine::testing::slow_model(6, Some(&PDM_FEATURES), 50_000),
+        2.5,
+        "p99 latency",
+    );
 }
 
 #[test]
@@ -536,6 +764,157 @@ fn rollout_survives_a_fleet_server_kill_9_and_completes_then_a_fleet_rollback_re
         "the returning device was not rolled back: {:#}",
         agents[2].status("pdm-failure")
     );
+}
+
+/// The example model with about `bytes` of poorly compressible padding in its metadata (one
+/// more `metadata_props` entry, field 14, appended to the protobuf), so that its bundle
+/// spans several download windows.
+fn padded_model(bytes: usize) -> Vec<u8> {
+    fn varint(mut n: usize, out: &mut Vec<u8>) {
+        while n >= 0x80 {
+            out.push((n as u8 & 0x7f) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+    }
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let value: Vec<u8> = (0..bytes)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ALPHABET[(x % 64) as usize]
+        })
+        .collect();
+    // StringStringEntryProto { key = 1: "padding", value = 2: .. }
+    let mut entry = vec![0x0a, 7];
+    entry.extend(b"padding");
+    entry.push(0x12);
+    varint(value.len(), &mut entry);
+    entry.extend(value);
+    let mut model = std::fs::read(pdm().join("model.onnx")).unwrap();
+    model.push(0x72);
+    varint(entry.len(), &mut model);
+    model.extend(entry);
+    model
+}
+
+#[cfg(unix)]
+#[test]
+fn rollout_completes_after_agents_are_killed_inside_the_install_pipeline_and_mid_download() {
+    use std::os::unix::process::ExitStatusExt;
+    const CHUNK: u64 = 4096;
+    const WINDOW: u64 = 16;
+    let tmp = scratch();
+    let d = tmp.path();
+    keys_and_bundles(d);
+    std::fs::write(d.join("big.onnx"), padded_model(300_000)).unwrap();
+    build_bundle(d, &d.join("big.onnx"), "pdm-failure", "2", "big2.bundle");
+    // the smallest chunk size the fleet allows: the bundle takes several windows
+    let fleet = Fleet::start_chunked(d, "", None, CHUNK as usize);
+    // each agent kills itself (SIGKILL) at one point of its install of release 2: after the
+    // golden samples passed, after activation, and between two download windows
+    let faults = ["golden", "activated", "download"];
+    let envs = faults.map(|f| [("EDGE_AGENT_FAULT", f)]);
+    let opts = [0, 1, 2].map(|i| AgentOpts {
+        env: &envs[i],
+        ..AgentOpts::default()
+    });
+    let mut agents = three_agents_opts(d, &fleet, "p1.bundle", opts);
+    let b = fleet.push(&d.join("big2.bundle"));
+    let bytes = b["bytes"].as_u64().unwrap();
+    let chunks = bytes.div_ceil(CHUNK);
+    assert!(chunks > 2 * WINDOW, "{bytes} bytes: not several windows");
+    let sha = b["sha256"].as_str().unwrap().to_string();
+
+    let id = create(&fleet, "pdm-failure@2.0", &["1", "2", "3"], "5m", "0%");
+    // the waves reach dev-a, dev-b, dev-c in this order, one after the other's commit
+    for (a, fault) in agents.iter_mut().zip(faults) {
+        let status = a.wait_exit(Duration::from_secs(120));
+        assert_eq!(status.signal(), Some(9), "{} ({fault}): {status:?}", a.id);
+        // what the kill left on the device
+        let st = a.status("pdm-failure");
+        let progress: Value = serde_json::from_slice(
+            &std::fs::read(a.dir.join(format!("state/downloads/{sha}.json"))).unwrap(),
+        )
+        .unwrap();
+        let left = progress["next"].as_u64().unwrap();
+        let activated_2 = |a: &Agent| {
+            a.events_named("activated")
+                .iter()
+                .filter(|e| e["release"] == 2)
+                .count()
+        };
+        match fault {
+            "golden" => {
+                assert_eq!(st["active"]["release"], 1, "{st:#}");
+                assert!(a
+                    .events_named("golden_passed")
+                    .iter()
+                    .any(|e| e["release"] == 2));
+                assert_eq!(activated_2(a), 0, "{}", a.events());
+                assert_eq!(left, chunks, "the complete download stays until installed");
+            }
+            "activated" => {
+                assert_eq!(st["active"]["release"], 2, "{st:#}");
+                assert_eq!(st["phase"], "health_window", "{st:#}");
+                assert_eq!(activated_2(a), 1, "{}", a.events());
+                assert_eq!(left, chunks, "the complete download stays until installed");
+            }
+            _ => {
+                assert_eq!(st["active"]["release"], 1, "{st:#}");
+                assert!(left > 0 && left < chunks, "{progress:#}");
+                assert_eq!(
+                    left % WINDOW,
+                    0,
+                    "killed at a window boundary: {progress:#}"
+                );
+                assert!(a.events_named("downloaded").is_empty());
+            }
+        }
+
+        // the same state, without the fault: it picks up where it was killed
+        a.restart();
+        assert!(
+            wait_until(Duration::from_secs(120), || a
+                .events_named("committed")
+                .iter()
+                .any(|e| e["release"] == 2)),
+            "{} ({fault}) did not commit release 2 after the restart: {}",
+            a.id,
+            a.events()
+        );
+        let resumed = a.events_named("download_resumed");
+        assert_eq!(resumed.len(), 1, "{}", a.events());
+        assert_eq!(resumed[0]["next"], left, "{:#}", resumed[0]);
+        assert_eq!(resumed[0]["directive"], progress["directive"]);
+        // resumed, not started over: one download, one activation of release 2
+        assert_eq!(
+            a.events_named("download_started").len(),
+            1,
+            "{}",
+            a.events()
+        );
+        assert_eq!(activated_2(a), 1, "installed once: {}", a.events());
+    }
+
+    let r = fleet.wait_state(&id, "completed", Duration::from_secs(120));
+    for w in r["waves"].as_array().unwrap() {
+        assert_eq!(w["state"], "promoted", "{r:#}");
+    }
+    for a in &agents {
+        assert_eq!(r["devices"][&a.id]["state"], "committed", "{r:#}");
+        let st = a.status("pdm-failure");
+        assert_eq!(st["active"]["release"], 2, "{}: {st:#}", a.id);
+        assert_eq!(st["phase"], "committed", "{}: {st:#}", a.id);
+        assert!(st["last_rollback"].is_null(), "{}: {st:#}", a.id);
+        // nothing left behind in the downloads
+        let left: Vec<_> = std::fs::read_dir(a.dir.join("state/downloads"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "{}: {left:?}", a.id);
+    }
 }
 
 fn sha256_hex(s: &str) -> String {
