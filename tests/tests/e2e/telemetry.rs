@@ -160,6 +160,18 @@ impl Fleet {
     }
 }
 
+/// The example agent in `d` with no broker configured (`[sync]` left out) and `extra`
+/// config appended, started: (its HTTP port, the process).
+fn start_local_agent(d: &Path, extra: &str) -> (u16, ChildGuard) {
+    install_example_agent(d);
+    let port = free_port();
+    write_config(d, port, free_port(), 256 * 1024 * 1024);
+    let cfg = std::fs::read_to_string(d.join("agent.toml")).unwrap();
+    let cfg = cfg.split("[sync]").next().unwrap().to_string();
+    std::fs::write(d.join("agent.toml"), cfg + extra).unwrap();
+    (port, start_agent(d, port))
+}
+
 /// Waits until the agent's outbox has nothing pending and the fleet stored its last seq.
 fn wait_drained(d: &Path, fleet_dir: &Path) -> (Value, ingest::DeviceState) {
     let mut last = (Value::Null, None);
@@ -344,14 +356,8 @@ fn telemetry_small_cap_produced_equals_delivered_plus_drops() {
 fn feedback_by_prediction_id_updates_live_metrics() {
     let tmp = scratch();
     let d = tmp.path();
-    install_example_agent(d);
-    let port = free_port();
     // no broker configured at all: records wait in the outbox
-    write_config(d, port, free_port(), 256 * 1024 * 1024);
-    let cfg = std::fs::read_to_string(d.join("agent.toml")).unwrap();
-    let cfg = cfg.split("[sync]").next().unwrap().to_string();
-    std::fs::write(d.join("agent.toml"), cfg).unwrap();
-    let mut agent = start_agent(d, port);
+    let (port, mut agent) = start_local_agent(d, "");
     let body = r#"{"instances": [
         {"air_temperature_k": 300.1, "process_temperature_k": 310.2, "rotational_speed_rpm": 1500.0,
          "torque_nm": 40.0, "tool_wear_min": 100.0, "vibration_rms_mm_s": 2.5},
@@ -514,15 +520,9 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 fn telemetry_data_drift_is_exported_on_metrics() {
     let tmp = scratch();
     let d = tmp.path();
-    install_example_agent(d);
-    let port = free_port();
     // no broker: the window's drift is exported whether or not it is delivered; one window
     // above the threshold raises the alert
-    write_config(d, port, free_port(), 256 * 1024 * 1024);
-    let cfg = std::fs::read_to_string(d.join("agent.toml")).unwrap();
-    let cfg = cfg.split("[sync]").next().unwrap().to_string();
-    std::fs::write(d.join("agent.toml"), cfg + "[drift.alert]\nwindows = 1\n").unwrap();
-    let mut agent = start_agent(d, port);
+    let (port, mut agent) = start_local_agent(d, "[drift.alert]\nwindows = 1\n");
 
     // reference rows, except torque far above anything in the reference (max 74.61 Nm)
     let csv = std::fs::read_to_string(e2e_tests::pdm().join("reference.csv")).unwrap();
