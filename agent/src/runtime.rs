@@ -261,8 +261,12 @@ pub struct Loaded {
     pub counters: Counters,
     pub distributions: Distributions,
     pub activated: Instant,
-    /// p99 single-row latency of the previous version on this device (install measurement).
+    /// Live p99 of the version this one replaced, when that one had answered at least
+    /// [`MIN_FOR_P99`] requests: the health window compares live latency with live latency.
     pub baseline_p99_us: Option<u64>,
+    /// Without a live baseline: the single-row p99 of (the replaced version, this one),
+    /// measured together at activation (`store::paired_p99`).
+    pub activation_p99_us: Option<(u64, u64)>,
     /// Range policy: refuse numeric feature values outside the bundle's observed
     /// `[min, max]` widened by this share of the range on each side (`None`: no check).
     pub range_margin: Option<f64>,
@@ -332,6 +336,7 @@ impl Loaded {
             counters: Counters::default(),
             activated: Instant::now(),
             baseline_p99_us: None,
+            activation_p99_us: None,
             range_margin: None,
         }
     }
@@ -816,10 +821,28 @@ pub struct HealthPolicy {
 /// call after an activation would roll back a healthy model.
 pub const MIN_FOR_P99: u64 = 100;
 
+/// `us` rounded up to its latency bucket's bound (both sides of a latency comparison are).
+fn bucket_bound(us: u64) -> u64 {
+    LATENCY_BUCKETS_US
+        .iter()
+        .copied()
+        .find(|&b| us <= b)
+        .unwrap_or(u64::MAX)
+}
+
 /// Judges a version in its health window. Breaches are reported as soon as enough requests
-/// were seen to judge them (error and NaN rates after 20, p99 latency after
-/// [`MIN_FOR_P99`]), so a broken model does not serve a whole window.
+/// were seen to judge them (error and NaN rates after 20, live p99 latency after
+/// [`MIN_FOR_P99`]; the activation-time latency comparison at once), so a broken model
+/// does not serve a whole window.
 pub fn judge(l: &Loaded, p: &HealthPolicy) -> Health {
+    if let Some((old, new)) = l.activation_p99_us {
+        if bucket_bound(new) as f64 > p.max_p99_ratio * bucket_bound(old).max(1) as f64 {
+            return Health::Breach(format!(
+                "p99 latency {new} us exceeds {}x the previous version's {old} us (single rows, measured side by side at activation)",
+                p.max_p99_ratio
+            ));
+        }
+    }
     let c = &l.counters;
     let ok = c.ok.load(Ordering::Relaxed);
     let failed = c.failed.load(Ordering::Relaxed);
@@ -848,12 +871,7 @@ pub fn judge(l: &Loaded, p: &HealthPolicy) -> Health {
     if ok >= MIN_FOR_P99 {
         if let (Some(base), Some(p99)) = (l.baseline_p99_us, c.latency_quantile_us(0.99)) {
             // compare bucket bounds: the baseline is rounded up to its bucket too
-            let base_bucket = LATENCY_BUCKETS_US
-                .iter()
-                .copied()
-                .find(|&b| base <= b)
-                .unwrap_or(u64::MAX);
-            if p99 as f64 > p.max_p99_ratio * base_bucket.max(1) as f64 {
+            if p99 as f64 > p.max_p99_ratio * bucket_bound(base).max(1) as f64 {
                 return Health::Breach(format!(
                     "p99 latency {p99} us exceeds {}x the previous version's {base} us",
                     p.max_p99_ratio
@@ -1058,6 +1076,12 @@ mod tests {
         l3.counters.ok.store(100, Ordering::Relaxed);
         l3.counters.rows.store(100, Ordering::Relaxed);
         assert_eq!(judge(&l3, &policy), Health::Healthy);
+        // without a live baseline, the side-by-side measurement at activation decides, at once
+        let mut l4 = Loaded::new(shared::bundle::testing::manifest("m", &[]), l.model.clone());
+        l4.activation_p99_us = Some((90, 240));
+        assert_eq!(judge(&l4, &policy), Health::Pending);
+        l4.activation_p99_us = Some((90, 2_400));
+        assert!(matches!(judge(&l4, &policy), Health::Breach(r) if r.contains("side by side")));
         // a version slow throughout is
         for _ in 0..100 {
             l3.counters.observe_latency(2_000);

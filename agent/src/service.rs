@@ -151,15 +151,50 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn load(&self, name: &str, baseline_p99_us: Option<u64>) -> Result<Arc<Loaded>, StoreError> {
-        let store = self.store.lock().map_err(|_| StoreError::Io {
-            path: "store".into(),
-            message: "lock poisoned".into(),
-        })?;
-        let (manifest, model) = store.load_active(name)?;
+    /// The active version of `name` as stored, ready to serve (no latency baseline: after a
+    /// restart or a rollback the health window judges errors and NaN only).
+    fn load(&self, name: &str) -> Result<Arc<Loaded>, StoreError> {
+        Ok(Arc::new(self.load_version(name)?))
+    }
+
+    fn load_version(&self, name: &str) -> Result<Loaded, StoreError> {
+        let (manifest, model) = self.store()?.load_active(name)?;
         let mut l = Loaded::new(manifest, model);
-        l.baseline_p99_us = baseline_p99_us;
         l.range_margin = self.state.config.inputs.margin();
+        Ok(l)
+    }
+
+    /// The newly activated version of `name`, with the latency baseline its health window
+    /// compares against, taken from the version serving until now (if any): that version's
+    /// live p99 when it answered at least [`runtime::MIN_FOR_P99`] requests (live against
+    /// live), else both versions' single-row p99 measured side by side now
+    /// (`store::paired_p99`, at most `install.latency_runs` pairs and 2 s). Never an old
+    /// install-time figure against live latency: load on the device would make that a false
+    /// rollback.
+    fn load_replacing(&self, name: &str) -> Result<Arc<Loaded>, StoreError> {
+        let outgoing = self.state.registry.get(name);
+        let mut l = self.load_version(name)?;
+        if let Some(old) = outgoing {
+            let live = (old.counters.ok.load(Ordering::Relaxed) >= runtime::MIN_FOR_P99)
+                .then(|| old.counters.latency_quantile_us(0.99))
+                .flatten();
+            match live {
+                Some(p99) => l.baseline_p99_us = Some(p99.max(1)),
+                None => {
+                    match crate::store::paired_p99(
+                        (&old.model, &old.manifest),
+                        (&l.model, &l.manifest),
+                        self.state.config.install.latency_runs,
+                        Duration::from_secs(2),
+                    ) {
+                        Ok(p) => l.activation_p99_us = p,
+                        Err(e) => {
+                            tracing::warn!(model = name, error = %e, "latency not compared at activation")
+                        }
+                    }
+                }
+            }
+        }
         Ok(Arc::new(l))
     }
 
@@ -224,8 +259,7 @@ impl Ctx {
                 ))
             }
             Ok(r) => {
-                let baseline = self.baseline_p99(&r.name);
-                let loaded = self.load(&r.name, baseline)?;
+                let loaded = self.load_replacing(&r.name)?;
                 self.state.activate(loaded);
                 self.state.registry.set_candidate(&r.name, None);
                 self.state
@@ -242,30 +276,6 @@ impl Ctx {
                 Err(e)
             }
         }
-    }
-
-    /// The health baseline of a version about to replace the active one: the live p99 of
-    /// the outgoing version when it answered at least [`runtime::MIN_FOR_P99`] requests
-    /// (like for like: the same kind of requests on this device under its current load),
-    /// else the install-time p99 of the previous version (measured with single rows on an
-    /// idle pipeline, so it is the lower, stricter of the two).
-    fn baseline_p99(&self, name: &str) -> Option<u64> {
-        if let Some(old) = self.state.registry.get(name) {
-            if old.counters.ok.load(Ordering::Relaxed) >= runtime::MIN_FOR_P99 {
-                if let Some(p99) = old.counters.latency_quantile_us(0.99) {
-                    return Some(p99.max(1));
-                }
-            }
-        }
-        self.previous_p99(name)
-    }
-
-    /// The install-time p99 of the previous version (the health baseline).
-    fn previous_p99(&self, name: &str) -> Option<u64> {
-        let store = self.store.lock().ok()?;
-        let states = store.status().ok()?;
-        let s = states.into_iter().find(|s| s.name == name)?;
-        s.previous.map(|p| p.latency_p99_us.max(1))
     }
 
     /// One pass over the models in their health window: commit or roll back.
@@ -300,7 +310,7 @@ impl Ctx {
                     });
                     if rolled.is_ok() {
                         bump(&self.state.lifecycle.rollbacks, health_reason_key(&reason));
-                        match self.load(&s.name, None) {
+                        match self.load(&s.name) {
                             Ok(prev) => {
                                 self.state.activate(prev);
                             }
@@ -320,7 +330,7 @@ impl Ctx {
     fn rollback(&self, model: &str, reason: &str, kind: &str) -> Result<String, StoreError> {
         let st = self.store()?.rollback(model, reason)?;
         bump(&self.state.lifecycle.rollbacks, kind);
-        let loaded = self.load(model, None);
+        let loaded = self.load(model);
         if let Ok(l) = &loaded {
             self.state.activate(l.clone());
         }
@@ -518,8 +528,7 @@ pub async fn run(
         .map(|s| s.status())
         .map_err(|_| ServiceError::Io("store lock".into()))??;
     for s in statuses {
-        let baseline = s.previous.as_ref().map(|p| p.latency_p99_us.max(1));
-        match ctx.load(&s.name, baseline) {
+        match ctx.load(&s.name) {
             Ok(l) => {
                 state.activate(l);
                 if let Err(e) = ctx.load_candidate(&s.name) {
@@ -534,7 +543,7 @@ pub async fn run(
                     .map(|st| st.rollback(&s.name, &format!("does not load: {e}")).is_ok())
                     .unwrap_or(false);
                 if ok {
-                    if let Ok(l) = ctx.load(&s.name, None) {
+                    if let Ok(l) = ctx.load(&s.name) {
                         state.activate(l);
                     }
                 }
@@ -906,8 +915,7 @@ async fn admin_conn(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) -> std::io::R
             }
             Some("promote") => {
                 let st = c.store()?.promote(&model)?;
-                let baseline = st.previous.as_ref().map(|p| p.latency_p99_us.max(1));
-                let l = c.load(&model, baseline)?;
+                let l = c.load_replacing(&model)?;
                 c.state.activate(l);
                 c.state.registry.set_candidate(&model, None);
                 c.birth_changed.notify_one();

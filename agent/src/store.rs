@@ -17,7 +17,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -870,11 +870,8 @@ pub fn status_of(root: &Path) -> Result<Vec<ModelState>, StoreError> {
     Ok(out)
 }
 
-/// p50 and p99 single-row latency (microseconds) over the golden samples.
-fn measure_latency(model: &Model, m: &Manifest, runs: u32) -> Result<(u64, u64), StoreError> {
-    if m.golden.samples.is_empty() {
-        return Ok((0, 0));
-    }
+/// One single-row batch per golden sample.
+fn golden_batches(model: &Model, m: &Manifest) -> Result<Vec<shared::engine::Batch>, StoreError> {
     let mut batches = Vec::with_capacity(m.golden.samples.len());
     for s in &m.golden.samples {
         let mut b = model.batch_builder();
@@ -882,21 +879,118 @@ fn measure_latency(model: &Model, m: &Manifest, runs: u32) -> Result<(u64, u64),
             .map_err(|e| StoreError::Golden(e.to_string()))?;
         batches.push(b.take());
     }
+    Ok(batches)
+}
+
+/// Microseconds one run of `batch` takes.
+fn time_run(model: &Model, batch: &shared::engine::Batch) -> Result<u64, StoreError> {
+    let t = Instant::now();
+    model
+        .run(batch)
+        .map_err(|e| StoreError::Golden(e.to_string()))?;
+    Ok(t.elapsed().as_micros() as u64)
+}
+
+/// The `q` quantile of `times` (sorted in place); 0 when empty.
+fn quantile(times: &mut [u64], q: f64) -> u64 {
+    times.sort_unstable();
+    match times.len() {
+        0 => 0,
+        n => times[((n - 1) as f64 * q).round() as usize],
+    }
+}
+
+/// p50 and p99 single-row latency (microseconds) over the golden samples.
+fn measure_latency(model: &Model, m: &Manifest, runs: u32) -> Result<(u64, u64), StoreError> {
+    if m.golden.samples.is_empty() {
+        return Ok((0, 0));
+    }
+    let batches = golden_batches(model, m)?;
     let mut times = Vec::with_capacity(runs as usize);
     for i in 0..runs as usize {
-        let batch = &batches[i % batches.len()];
-        let t = Instant::now();
-        model
-            .run(batch)
-            .map_err(|e| StoreError::Golden(e.to_string()))?;
-        times.push(t.elapsed().as_micros() as u64);
+        times.push(time_run(model, &batches[i % batches.len()])?);
     }
-    times.sort_unstable();
-    let pct = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
-    Ok((pct(0.5), pct(0.99)))
+    Ok((quantile(&mut times, 0.5), quantile(&mut times, 0.99)))
+}
+
+/// Single-row p99 latency (microseconds) of two versions measured together, now: runs
+/// alternate between them, so both see the same load on this device. The runs are cut into
+/// three blocks and each version's p99 is its lowest block p99, so a burst of load that hit
+/// one block does not decide. At most `runs` pairs, and no more than `budget` (at least 9
+/// pairs). `None` when a version has no golden samples.
+pub fn paired_p99(
+    old: (&Model, &Manifest),
+    new: (&Model, &Manifest),
+    runs: u32,
+    budget: Duration,
+) -> Result<Option<(u64, u64)>, StoreError> {
+    if old.1.golden.samples.is_empty() || new.1.golden.samples.is_empty() {
+        return Ok(None);
+    }
+    let (old_batches, new_batches) = (golden_batches(old.0, old.1)?, golden_batches(new.0, new.1)?);
+    let start = Instant::now();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..runs.max(9) as usize {
+        if i >= 9 && start.elapsed() > budget {
+            break;
+        }
+        a.push(time_run(old.0, &old_batches[i % old_batches.len()])?);
+        b.push(time_run(new.0, &new_batches[i % new_batches.len()])?);
+    }
+    let block = a.len().div_ceil(3);
+    let best = |times: &mut Vec<u64>| {
+        times
+            .chunks_mut(block)
+            .map(|c| quantile(c, 0.99))
+            .min()
+            .unwrap_or(0)
+    };
+    Ok(Some((best(&mut a), best(&mut b))))
 }
 
 /// sha256 hex of a byte slice.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     shared::trust::hex(&sha2::Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(bytes: &[u8]) -> (Model, Manifest) {
+        let model = Model::from_bytes(bytes).unwrap();
+        let mut m = shared::bundle::testing::manifest("m", &[("model.onnx", bytes)]);
+        let mut row = serde_json::Map::new();
+        row.insert("a".into(), serde_json::json!(1.5));
+        row.insert("b".into(), serde_json::json!(-2.0));
+        m.golden.samples.push(shared::bundle::GoldenSample {
+            input: row,
+            output: serde_json::Map::new(),
+        });
+        (model, m)
+    }
+
+    #[test]
+    fn paired_p99_tells_a_much_slower_version_from_the_same_one() {
+        let names = Some(&["a", "b"][..]);
+        let fast = version(&shared::engine::testing::scaler_model(2, names));
+        let same = version(&shared::engine::testing::scaler_model(2, names));
+        let slow = version(&shared::engine::testing::slow_model(2, names, 200_000));
+        let budget = Duration::from_secs(2);
+        let (a, b) = paired_p99((&fast.0, &fast.1), (&slow.0, &slow.1), 50, budget)
+            .unwrap()
+            .unwrap();
+        assert!(b > 10 * a.max(1), "fast {a} us, slow {b} us");
+        let (a, b) = paired_p99((&fast.0, &fast.1), (&same.0, &same.1), 200, budget)
+            .unwrap()
+            .unwrap();
+        // the lowest block p99 of the same model: far from a 3x breach
+        assert!(b < 3 * a.max(50), "{a} us vs {b} us");
+        // no golden samples: nothing to compare
+        let empty = shared::bundle::testing::manifest("m", &[]);
+        assert_eq!(
+            paired_p99((&fast.0, &empty), (&slow.0, &slow.1), 10, budget).unwrap(),
+            None
+        );
+    }
 }

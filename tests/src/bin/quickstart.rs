@@ -743,7 +743,8 @@ fn run(args: &Args, stop: &AtomicBool, stack: &mut Stack) -> Result<()> {
                 announced = true;
                 println!("rollout {rollout} completed: every agent committed release 2.0 after its health window");
             }
-            "halted" | "aborted" | "rolled_back" => {
+            "halted" | "aborted" | "rolled_back" if !announced => {
+                announced = true;
                 let reason = r
                     .as_ref()
                     .map(|r| r["halt_reason"].to_string())
