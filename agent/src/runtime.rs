@@ -33,41 +33,68 @@ pub struct Counters {
     pub rows: AtomicU64,
     /// Rows with a NaN or infinite output value.
     pub nan_rows: AtomicU64,
-    /// Latency histogram (per request), one counter per bucket plus +Inf.
+    /// Latency histogram (per request, wall clock per row), one counter per bucket plus +Inf.
     pub latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     pub latency_sum_us: AtomicU64,
+    /// The scoring thread's CPU time per row (per request), same buckets: what the health
+    /// window judges, since other load on the device stretches wall-clock latency but not
+    /// the CPU a model needs.
+    pub cpu: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+}
+
+/// Index of the latency bucket holding `us`.
+fn bucket_of(us: u64) -> usize {
+    LATENCY_BUCKETS_US
+        .iter()
+        .position(|&b| us <= b)
+        .unwrap_or(LATENCY_BUCKETS_US.len())
+}
+
+/// Approximate quantile of a bucketed histogram (the upper bound of the bucket holding it).
+fn histogram_quantile(buckets: &[AtomicU64], q: f64) -> Option<u64> {
+    let counts: Vec<u64> = buckets.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let want = (total as f64 * q).ceil() as u64;
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= want {
+            return Some(LATENCY_BUCKETS_US.get(i).copied().unwrap_or(u64::MAX));
+        }
+    }
+    None
+}
+
+/// CPU time this thread has used, in nanoseconds.
+pub fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    (t.tv_sec.max(0) as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec.max(0) as u64)
 }
 
 impl Counters {
     fn observe_latency(&self, us: u64) {
-        let ix = LATENCY_BUCKETS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
-        self.latency[ix].fetch_add(1, Ordering::Relaxed);
+        self.latency[bucket_of(us)].fetch_add(1, Ordering::Relaxed);
         self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
-    /// Approximate latency quantile (the upper bound of the bucket holding it), microseconds.
+    fn observe_cpu(&self, us: u64) {
+        self.cpu[bucket_of(us)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Approximate wall-clock latency quantile (the upper bound of the bucket holding it),
+    /// microseconds.
     pub fn latency_quantile_us(&self, q: f64) -> Option<u64> {
-        let counts: Vec<u64> = self
-            .latency
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let want = (total as f64 * q).ceil() as u64;
-        let mut seen = 0;
-        for (i, c) in counts.iter().enumerate() {
-            seen += c;
-            if seen >= want {
-                return Some(LATENCY_BUCKETS_US.get(i).copied().unwrap_or(u64::MAX));
-            }
-        }
-        None
+        histogram_quantile(&self.latency, q)
+    }
+
+    /// Approximate quantile of the CPU time per row, microseconds.
+    pub fn cpu_quantile_us(&self, q: f64) -> Option<u64> {
+        histogram_quantile(&self.cpu, q)
     }
 }
 
@@ -261,11 +288,11 @@ pub struct Loaded {
     pub counters: Counters,
     pub distributions: Distributions,
     pub activated: Instant,
-    /// Live p99 of the version this one replaced, when that one had answered at least
-    /// [`MIN_FOR_P99`] requests: the health window compares live latency with live latency.
+    /// Live p99 CPU time per row of the version this one replaced, when that one had
+    /// answered at least [`MIN_FOR_P99`] requests: the health window compares live with live.
     pub baseline_p99_us: Option<u64>,
-    /// Without a live baseline: the single-row p99 of (the replaced version, this one),
-    /// measured together at activation (`store::paired_p99`).
+    /// Without a live baseline: the single-row p99 CPU time of (the replaced version, this
+    /// one), measured together at activation (`store::paired_p99`).
     pub activation_p99_us: Option<(u64, u64)>,
     /// Range policy: refuse numeric feature values outside the bundle's observed
     /// `[min, max]` widened by this share of the range on each side (`None`: no check).
@@ -460,6 +487,7 @@ pub fn predict_with(
     allow_missing: bool,
 ) -> Result<Prediction, PredictError> {
     let start = Instant::now();
+    let cpu_start = thread_cpu_ns();
     let c = &loaded.counters;
     let mut b = loaded.model.batch_builder();
     for (i, row) in rows.iter().enumerate() {
@@ -502,7 +530,9 @@ pub fn predict_with(
     c.rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
     c.nan_rows.fetch_add(nan, Ordering::Relaxed);
     // per-row latency, so batches and single rows compare with the install measurement
-    c.observe_latency(start.elapsed().as_micros() as u64 / rows.len().max(1) as u64);
+    let n = rows.len().max(1) as u64;
+    c.observe_latency(start.elapsed().as_micros() as u64 / n);
+    c.observe_cpu(thread_cpu_ns().saturating_sub(cpu_start) / 1000 / n);
     Ok(Prediction { outputs, loaded })
 }
 
@@ -838,7 +868,7 @@ pub fn judge(l: &Loaded, p: &HealthPolicy) -> Health {
     if let Some((old, new)) = l.activation_p99_us {
         if bucket_bound(new) as f64 > p.max_p99_ratio * bucket_bound(old).max(1) as f64 {
             return Health::Breach(format!(
-                "p99 latency {new} us exceeds {}x the previous version's {old} us (single rows, measured side by side at activation)",
+                "p99 latency (CPU time per row) {new} us exceeds {}x the previous version's {old} us (single rows, measured side by side at activation)",
                 p.max_p99_ratio
             ));
         }
@@ -869,11 +899,11 @@ pub fn judge(l: &Loaded, p: &HealthPolicy) -> Health {
         }
     }
     if ok >= MIN_FOR_P99 {
-        if let (Some(base), Some(p99)) = (l.baseline_p99_us, c.latency_quantile_us(0.99)) {
+        if let (Some(base), Some(p99)) = (l.baseline_p99_us, c.cpu_quantile_us(0.99)) {
             // compare bucket bounds: the baseline is rounded up to its bucket too
             if p99 as f64 > p.max_p99_ratio * bucket_bound(base).max(1) as f64 {
                 return Health::Breach(format!(
-                    "p99 latency {p99} us exceeds {}x the previous version's {base} us",
+                    "p99 latency (CPU time per row) {p99} us exceeds {}x the previous version's {base} us",
                     p.max_p99_ratio
                 ));
             }
@@ -1062,16 +1092,16 @@ mod tests {
         let mut l3 = Loaded::new(shared::bundle::testing::manifest("m", &[]), l.model.clone());
         l3.baseline_p99_us = Some(100);
         // one slow request among fewer than MIN_FOR_P99 is not judged
-        l3.counters.observe_latency(2_000);
+        l3.counters.observe_cpu(2_000);
         for _ in 0..60 {
-            l3.counters.observe_latency(80);
+            l3.counters.observe_cpu(80);
         }
         l3.counters.ok.store(61, Ordering::Relaxed);
         l3.counters.rows.store(61, Ordering::Relaxed);
         assert_eq!(judge(&l3, &policy), Health::Healthy);
         // ... nor one among 100 (the p99 is the 99th)
         for _ in 0..39 {
-            l3.counters.observe_latency(80);
+            l3.counters.observe_cpu(80);
         }
         l3.counters.ok.store(100, Ordering::Relaxed);
         l3.counters.rows.store(100, Ordering::Relaxed);
@@ -1084,7 +1114,7 @@ mod tests {
         assert!(matches!(judge(&l4, &policy), Health::Breach(r) if r.contains("side by side")));
         // a version slow throughout is
         for _ in 0..100 {
-            l3.counters.observe_latency(2_000);
+            l3.counters.observe_cpu(2_000);
         }
         l3.counters.ok.store(200, Ordering::Relaxed);
         assert!(matches!(judge(&l3, &policy), Health::Breach(r) if r.contains("p99")));

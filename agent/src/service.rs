@@ -166,17 +166,17 @@ impl Ctx {
 
     /// The newly activated version of `name`, with the latency baseline its health window
     /// compares against, taken from the version serving until now (if any): that version's
-    /// live p99 when it answered at least [`runtime::MIN_FOR_P99`] requests (live against
-    /// live), else both versions' single-row p99 measured side by side now
-    /// (`store::paired_p99`, at most `install.latency_runs` pairs and 2 s). Never an old
-    /// install-time figure against live latency: load on the device would make that a false
-    /// rollback.
+    /// live p99 CPU time per row when it answered at least [`runtime::MIN_FOR_P99`]
+    /// requests (live against live), else both versions' single-row p99 CPU time measured
+    /// side by side now (`store::paired_p99`, at most `install.latency_runs` pairs and 2 s).
+    /// Never an old install-time figure against live latency, and never wall-clock time:
+    /// other load on the device would make either a false rollback.
     fn load_replacing(&self, name: &str) -> Result<Arc<Loaded>, StoreError> {
         let outgoing = self.state.registry.get(name);
         let mut l = self.load_version(name)?;
         if let Some(old) = outgoing {
             let live = (old.counters.ok.load(Ordering::Relaxed) >= runtime::MIN_FOR_P99)
-                .then(|| old.counters.latency_quantile_us(0.99))
+                .then(|| old.counters.cpu_quantile_us(0.99))
                 .flatten();
             match live {
                 Some(p99) => l.baseline_p99_us = Some(p99.max(1)),

@@ -882,13 +882,17 @@ fn golden_batches(model: &Model, m: &Manifest) -> Result<Vec<shared::engine::Bat
     Ok(batches)
 }
 
-/// Microseconds one run of `batch` takes.
-fn time_run(model: &Model, batch: &shared::engine::Batch) -> Result<u64, StoreError> {
-    let t = Instant::now();
+/// Microseconds one run of `batch` takes: wall clock, or this thread's CPU time.
+fn time_run(model: &Model, batch: &shared::engine::Batch, cpu: bool) -> Result<u64, StoreError> {
+    let (t, c) = (Instant::now(), crate::runtime::thread_cpu_ns());
     model
         .run(batch)
         .map_err(|e| StoreError::Golden(e.to_string()))?;
-    Ok(t.elapsed().as_micros() as u64)
+    Ok(if cpu {
+        crate::runtime::thread_cpu_ns().saturating_sub(c) / 1000
+    } else {
+        t.elapsed().as_micros() as u64
+    })
 }
 
 /// The `q` quantile of `times` (sorted in place); 0 when empty.
@@ -908,12 +912,12 @@ fn measure_latency(model: &Model, m: &Manifest, runs: u32) -> Result<(u64, u64),
     let batches = golden_batches(model, m)?;
     let mut times = Vec::with_capacity(runs as usize);
     for i in 0..runs as usize {
-        times.push(time_run(model, &batches[i % batches.len()])?);
+        times.push(time_run(model, &batches[i % batches.len()], false)?);
     }
     Ok((quantile(&mut times, 0.5), quantile(&mut times, 0.99)))
 }
 
-/// Single-row p99 latency (microseconds) of two versions measured together, now: runs
+/// Single-row p99 CPU time (microseconds) of two versions measured together, now: runs
 /// alternate between them, so both see the same load on this device. The runs are cut into
 /// three blocks and each version's p99 is its lowest block p99, so a burst of load that hit
 /// one block does not decide. At most `runs` pairs, and no more than `budget` (at least 9
@@ -934,8 +938,8 @@ pub fn paired_p99(
         if i >= 9 && start.elapsed() > budget {
             break;
         }
-        a.push(time_run(old.0, &old_batches[i % old_batches.len()])?);
-        b.push(time_run(new.0, &new_batches[i % new_batches.len()])?);
+        a.push(time_run(old.0, &old_batches[i % old_batches.len()], true)?);
+        b.push(time_run(new.0, &new_batches[i % new_batches.len()], true)?);
     }
     let block = a.len().div_ceil(3);
     let best = |times: &mut Vec<u64>| {
