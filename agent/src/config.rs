@@ -226,7 +226,9 @@ pub struct Health {
     pub max_error_rate: f64,
     /// Largest share of predictions with a NaN or infinite output.
     pub max_nan_rate: f64,
-    /// Largest p99 latency relative to the previous version on this device.
+    /// Largest p99 latency relative to the previous version on this device (the scoring
+    /// thread's CPU time per row, compared live against live, or side by side at
+    /// activation when the previous version served fewer than 100 requests).
     pub max_p99_ratio: f64,
 }
 
