@@ -32,12 +32,29 @@ fn processes_under(dir: &Path) -> Vec<String> {
     found
 }
 
+/// Kills (SIGKILL) every process whose working directory is inside the directory, when
+/// dropped: the quickstart's children run in their own process group and outlive a
+/// quickstart killed by a failing test's `ChildGuard`.
+struct Leftovers(std::path::PathBuf);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for p in processes_under(&self.0) {
+            if let Some(pid) = p.split(':').next() {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
+    }
+}
+
 #[test]
 fn quickstart_brings_up_the_stack_completes_the_rollout_and_ctrl_c_stops_everything() {
     // the binaries it starts are built by the helper (the quickstart's own build is a no-op)
     let _ = bin("edge-agent");
     let tmp = scratch();
     let dir = tmp.path().join("qs");
+    // dropped after the quickstart's guard (declared before it): whatever a failure left
+    let _leftovers = Leftovers(dir.clone());
     let mut child = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_quickstart"))
             .args(["--dir", &dir.display().to_string()])
