@@ -454,20 +454,22 @@ async fn exchange(
             }
         })?;
         let status = response.status().as_u16();
-        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+        let body = match Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    protocol(format!(
-                        "the answer is larger than {MAX_RESPONSE_BYTES} bytes"
-                    ))
-                } else {
-                    protocol(format!("the answer was cut off: {e}"))
-                }
-            })?
-            .to_bytes();
-        Ok((status, body.to_vec()))
+        {
+            Ok(b) => b.to_bytes().to_vec(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(protocol(format!(
+                    "the answer is larger than {MAX_RESPONSE_BYTES} bytes"
+                )))
+            }
+            // a refusal whose body was lost (a server that answers before reading an upload
+            // and closes may reset the connection under it): the status is the answer
+            Err(_) if !(200..300).contains(&status) => Vec::new(),
+            Err(e) => return Err(protocol(format!("the answer was cut off: {e}"))),
+        };
+        Ok((status, body))
     }
     .await;
     driver.abort();

@@ -1975,7 +1975,9 @@ mod tests {
 
     #[test]
     fn an_early_refusal_during_an_upload_is_reported() {
-        // the server answers 403 after the headers, without reading the 8 MiB body, and closes
+        // the server answers 403 after the headers, without reading the 8 MiB body, and
+        // closes its side (then discards what still arrives, as real servers linger, so the
+        // answer is not lost to a reset)
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         std::thread::spawn(move || {
@@ -1995,7 +1997,9 @@ mod tests {
                     "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 );
-                let _ = conn.shutdown(std::net::Shutdown::Both);
+                let _ = conn.shutdown(std::net::Shutdown::Write);
+                let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+                let _ = std::io::copy(&mut reader, &mut std::io::sink());
             }
         });
         let dir = tempfile::tempdir().unwrap();
@@ -2015,6 +2019,36 @@ mod tests {
         let (c, text) = code(execute(cli));
         assert_eq!(c, EXIT_NO_PERM, "{text}");
         assert!(text.contains("needs \"operator\""), "{text}");
+    }
+
+    #[test]
+    fn a_refusal_whose_body_is_cut_off_is_still_a_refusal() {
+        // 403 with a body shorter than its Content-Length, then the connection closes
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"err"
+                );
+            }
+        });
+        let cli = Cli::try_parse_from([
+            "fleetctl", "--server", &url, "--token", "v", "devices", "list",
+        ])
+        .unwrap();
+        let (c, text) = code(execute(cli));
+        assert_eq!(c, EXIT_NO_PERM, "{text}");
+        assert!(text.contains("403"), "{text}");
     }
 
     #[test]
