@@ -1973,34 +1973,52 @@ mod tests {
         assert_eq!(again.seen().len(), 1);
     }
 
-    #[test]
-    fn an_early_refusal_during_an_upload_is_reported() {
-        // the server answers 403 after the headers, without reading the 8 MiB body, and
-        // closes its side (then discards what still arrives, as real servers linger, so the
-        // answer is not lost to a reset)
+    /// A hand-written HTTP/1.1 server on loopback (its URL): for every connection it reads
+    /// the request head and calls `answer` with the connection, the reader positioned at
+    /// the body, and the body's Content-Length.
+    fn raw_server(
+        answer: impl Fn(&mut std::net::TcpStream, &mut BufReader<std::net::TcpStream>, usize)
+            + Send
+            + 'static,
+    ) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut len = 0;
                 loop {
                     let mut h = String::new();
                     if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
                         break;
                     }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
                 }
-                let body =
-                    r#"{"error":"token \"viewer\" has role \"viewer\"; this needs \"operator\""}"#;
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.shutdown(std::net::Shutdown::Write);
-                let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-                let _ = std::io::copy(&mut reader, &mut std::io::sink());
+                answer(&mut conn, &mut reader, len);
             }
+        });
+        url
+    }
+
+    #[test]
+    fn an_early_refusal_during_an_upload_is_reported() {
+        // the server answers 403 after the headers, without reading the 8 MiB body, and
+        // closes its side (then discards what still arrives, as real servers linger, so the
+        // answer is not lost to a reset)
+        let url = raw_server(|conn, reader, _| {
+            let body =
+                r#"{"error":"token \"viewer\" has role \"viewer\"; this needs \"operator\""}"#;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.shutdown(std::net::Shutdown::Write);
+            let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+            let _ = std::io::copy(reader, &mut std::io::sink());
         });
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("big.bundle");
@@ -2024,23 +2042,11 @@ mod tests {
     #[test]
     fn a_refusal_whose_body_is_cut_off_is_still_a_refusal() {
         // 403 with a body shorter than its Content-Length, then the connection closes
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                loop {
-                    let mut h = String::new();
-                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                        break;
-                    }
-                }
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"err"
-                );
-            }
+        let url = raw_server(|conn, _, _| {
+            let _ = write!(
+                conn,
+                "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"err"
+            );
         });
         let cli = Cli::try_parse_from([
             "fleetctl", "--server", &url, "--token", "v", "devices", "list",
@@ -2054,26 +2060,9 @@ mod tests {
     #[test]
     fn an_upload_goes_ahead_when_the_server_ignores_expect() {
         // an HTTP/1.0-style server: never sends 100 Continue, reads the body, answers 201
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
         let got = Arc::new(Mutex::new(Vec::new()));
         let sink = got.clone();
-        std::thread::spawn(move || {
-            let Ok((mut conn, _)) = listener.accept() else {
-                return;
-            };
-            let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let mut len = 0;
-            loop {
-                let mut h = String::new();
-                reader.read_line(&mut h).unwrap();
-                if h == "\r\n" {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap();
-                }
-            }
+        let url = raw_server(move |conn, reader, len| {
             let mut body = vec![0; len];
             reader.read_exact(&mut body).unwrap();
             *sink.lock().unwrap() = body;
