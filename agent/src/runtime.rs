@@ -53,11 +53,17 @@ fn bucket_of(us: u64) -> usize {
 /// Approximate quantile of a bucketed histogram (the upper bound of the bucket holding it).
 fn histogram_quantile(buckets: &[AtomicU64], q: f64) -> Option<u64> {
     let counts: Vec<u64> = buckets.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    bucket_quantile(&counts, q)
+}
+
+/// Quantile of bucket counts over [`LATENCY_BUCKETS_US`] (plus +Inf): the upper bound of the
+/// bucket holding it; `None` when empty.
+pub fn bucket_quantile(counts: &[u64], q: f64) -> Option<u64> {
     let total: u64 = counts.iter().sum();
     if total == 0 {
         return None;
     }
-    let want = (total as f64 * q).ceil() as u64;
+    let want = ((total as f64) * q).ceil().max(1.0) as u64;
     let mut seen = 0;
     for (i, c) in counts.iter().enumerate() {
         seen += c;

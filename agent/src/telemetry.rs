@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::outbox::{now_ms, Class, Outbox, OutboxError, OutboxStats};
-use crate::runtime::{Loaded, LATENCY_BUCKETS_US};
+use crate::runtime::{bucket_quantile, Loaded, LATENCY_BUCKETS_US};
 use crate::service::AppState;
 use crate::system::{HealthMonitor, HealthSample, LatencyWindow, ServingInput, SystemSampler};
 
@@ -350,23 +350,6 @@ fn snapshot(l: &Loaded) -> Snapshot {
             .map(|x| x.load(Ordering::Relaxed))
             .collect(),
     }
-}
-
-/// Quantile of a bucket histogram (upper bound of the bucket holding it).
-fn bucket_quantile(counts: &[u64], q: f64) -> Option<u64> {
-    let total: u64 = counts.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let want = ((total as f64) * q).ceil().max(1.0) as u64;
-    let mut seen = 0;
-    for (i, c) in counts.iter().enumerate() {
-        seen += c;
-        if seen >= want {
-            return Some(LATENCY_BUCKETS_US.get(i).copied().unwrap_or(u64::MAX));
-        }
-    }
-    None
 }
 
 /// Cuts windows and samples: owned by one periodic task, run on the blocking pool.
