@@ -391,3 +391,46 @@ pub fn promtool_check_metrics(what: &str, text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `edge-agent run --config agent.toml` in `dir`, waited for until `/v2/health/ready` on
+/// `port` answers 200 (30 s).
+pub fn start_agent(dir: &Path, port: u16) -> ChildGuard {
+    let child = ChildGuard(
+        Command::new(bin("edge-agent"))
+            .current_dir(dir)
+            .args(["run", "--config", "agent.toml"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start edge-agent"),
+    );
+    assert!(
+        wait_until(std::time::Duration::from_secs(30), || {
+            http(port, "GET", "/v2/health/ready", &[], b"").is_ok_and(|r| r.0 == 200)
+        }),
+        "the agent did not become ready"
+    );
+    child
+}
+
+/// `n` single-row predictions of the example model (`pdm-failure`) on the agent at `port`,
+/// each asserted to answer 200.
+pub fn predict_example(port: u16, n: usize) {
+    let body = serde_json::json!({"instances": [{
+        "air_temperature_k": 300.1, "process_temperature_k": 310.2,
+        "rotational_speed_rpm": 1500.0, "torque_nm": 40.0, "tool_wear_min": 100.0,
+        "vibration_rms_mm_s": 2.5
+    }]})
+    .to_string();
+    for _ in 0..n {
+        let (code, text) = http(
+            port,
+            "POST",
+            "/v1/models/pdm-failure:predict",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .expect("predict request");
+        assert_eq!(code, 200, "{text}");
+    }
+}

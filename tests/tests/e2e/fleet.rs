@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use e2e_tests::{
-    bin, free_port, http, install_example_agent, root, scratch, wait_until, ChildGuard,
+    bin, free_port, http, install_example_agent, predict_example, root, scratch, start_agent,
+    wait_until, ChildGuard,
 };
 use fleet_server::ingest::FileStore;
 use serde_json::Value;
@@ -182,38 +183,8 @@ ack_timeout_ms = 2000
         ),
     )
     .unwrap();
-    let mut agent = ChildGuard(
-        Command::new(bin("edge-agent"))
-            .current_dir(d)
-            .args(["run", "--config", "agent.toml"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            http(agent_port, "GET", "/v2/health/ready", &[], b"").is_ok_and(|r| r.0 == 200)
-        }),
-        "the agent did not become ready"
-    );
-    let body = serde_json::json!({"instances": [{
-        "air_temperature_k": 300.1, "process_temperature_k": 310.2,
-        "rotational_speed_rpm": 1500.0, "torque_nm": 40.0, "tool_wear_min": 100.0,
-        "vibration_rms_mm_s": 2.5
-    }]})
-    .to_string();
-    for _ in 0..5 {
-        let (code, _) = http(
-            agent_port,
-            "POST",
-            "/v1/models/pdm-failure:predict",
-            &[("Content-Type", "application/json")],
-            body.as_bytes(),
-        )
-        .unwrap();
-        assert_eq!(code, 200);
-    }
+    let mut agent = start_agent(d, agent_port);
+    predict_example(agent_port, 5);
 
     let ingest = d.join("fleet-state/ingest");
     let stored = wait_until(Duration::from_secs(60), || {

@@ -12,8 +12,8 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use e2e_tests::{
-    bin, free_port, http, install_example_agent, mosquitto_or_skip, root, scratch, wait_until,
-    ChildGuard,
+    bin, free_port, install_example_agent, mosquitto_or_skip, predict_example, root, scratch,
+    start_agent, wait_until, ChildGuard,
 };
 use fleet_server::server::config::Mqtt;
 use rumqttc::{Event, Packet, QoS};
@@ -662,38 +662,8 @@ ack_timeout_ms = 5000
         ),
     )
     .unwrap();
-    let _agent = ChildGuard(
-        Command::new(bin("edge-agent"))
-            .current_dir(d)
-            .args(["run", "--config", "agent.toml"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            http(agent_port, "GET", "/v2/health/ready", &[], b"").is_ok_and(|r| r.0 == 200)
-        }),
-        "the agent did not become ready"
-    );
-    let body = serde_json::json!({"instances": [{
-        "air_temperature_k": 300.1, "process_temperature_k": 310.2,
-        "rotational_speed_rpm": 1500.0, "torque_nm": 40.0, "tool_wear_min": 100.0,
-        "vibration_rms_mm_s": 2.5
-    }]})
-    .to_string();
-    for _ in 0..3 {
-        let (code, _) = http(
-            agent_port,
-            "POST",
-            "/v1/models/pdm-failure:predict",
-            &[("Content-Type", "application/json")],
-            body.as_bytes(),
-        )
-        .unwrap();
-        assert_eq!(code, 200);
-    }
+    let _agent = start_agent(d, agent_port);
+    predict_example(agent_port, 3);
 
     // its birth (retained status) and a record batch reach the fleet
     let mut birth = None;

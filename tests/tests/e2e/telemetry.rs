@@ -5,14 +5,14 @@
 //! outbox (writes failing with ENOSPC) never stops inference and is counted.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use e2e_tests::{
-    bin, free_port, http, install_example_agent, mosquitto_or_skip, scratch, wait_until,
-    ChildGuard, Mosquitto,
+    bin, free_port, http, install_example_agent, mosquitto_or_skip, scratch, start_agent,
+    wait_until, ChildGuard, Mosquitto,
 };
 use fleet_server::ingest::{self, FileStore, IngestConfig, IngestCounters};
 use serde_json::Value;
@@ -42,25 +42,6 @@ ack_timeout_ms = 2000
 "#
     );
     std::fs::write(d.join("agent.toml"), cfg).unwrap();
-}
-
-fn start_agent(d: &Path, port: u16) -> ChildGuard {
-    let child = ChildGuard(
-        Command::new(bin("edge-agent"))
-            .current_dir(d)
-            .args(["run", "--config", "agent.toml"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            http(port, "GET", "/v2/health/ready", &[], b"").is_ok_and(|r| r.0 == 200)
-        }),
-        "the agent did not become ready"
-    );
-    child
 }
 
 fn status(d: &Path) -> Value {
