@@ -434,3 +434,48 @@ pub fn predict_example(port: u16, n: usize) {
         assert_eq!(code, 200, "{text}");
     }
 }
+
+/// `fleet-server run --config fleet.toml` in `dir` (the caller writes the config), stderr to
+/// `<dir>/fleet.log`; not waited for (see [`wait_fleet_healthy`]).
+pub fn spawn_fleet_server(dir: &Path) -> ChildGuard {
+    ChildGuard(
+        Command::new(bin("fleet-server"))
+            .current_dir(dir)
+            .args(["run", "--config", "fleet.toml"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("fleet.log")).expect("create fleet.log"))
+            .spawn()
+            .expect("start fleet-server"),
+    )
+}
+
+/// Waits (30 s) until the fleet server `child` answers 200 on `/v1/health` at `http_port`;
+/// fails with its log (`<dir>/fleet.log`) when it exits or never does.
+pub fn wait_fleet_healthy(child: &mut ChildGuard, dir: &Path, http_port: u16) {
+    let ok = wait_until(std::time::Duration::from_secs(30), || {
+        matches!(child.0.try_wait(), Ok(Some(_)))
+            || http(http_port, "GET", "/v1/health", &[], b"").is_ok_and(|r| r.0 == 200)
+    });
+    assert!(
+        ok && matches!(child.0.try_wait(), Ok(None)),
+        "fleet-server did not become healthy: {}",
+        std::fs::read_to_string(dir.join("fleet.log")).unwrap_or_default()
+    );
+}
+
+/// Writes `<dir>/fleet.toml` (state in `fleet-state`, the admin API on `http_port`, the
+/// embedded broker on `broker_port`, then `extra` config), starts `fleet-server run` and
+/// waits until it is healthy.
+pub fn start_fleet_server(dir: &Path, http_port: u16, broker_port: u16, extra: &str) -> ChildGuard {
+    std::fs::write(
+        dir.join("fleet.toml"),
+        format!(
+            "state_dir = \"fleet-state\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\
+             [broker]\nlisten = \"127.0.0.1:{broker_port}\"\n{extra}"
+        ),
+    )
+    .expect("write fleet.toml");
+    let mut child = spawn_fleet_server(dir);
+    wait_fleet_healthy(&mut child, dir, http_port);
+    child
+}

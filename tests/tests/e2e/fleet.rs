@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use e2e_tests::{
     bin, free_port, http, install_example_agent, predict_example, root, scratch, start_agent,
-    wait_until, ChildGuard,
+    start_fleet_server, wait_until, ChildGuard,
 };
 use fleet_server::ingest::FileStore;
 use serde_json::Value;
@@ -22,32 +22,6 @@ fn write_fleet_config(d: &Path, broker: u16) -> std::path::PathBuf {
     )
     .unwrap();
     path
-}
-
-/// Starts `fleet-server run` in `d` (state dir `fleet-state`) and waits until it is healthy.
-fn start_fleet(d: &Path, http_port: u16, broker: u16) -> ChildGuard {
-    let cfg = write_fleet_config(d, broker);
-    let mut child = ChildGuard(
-        Command::new(bin("fleet-server"))
-            .current_dir(d)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .args(["--state-dir", "fleet-state", "--http-listen"])
-            .arg(format!("127.0.0.1:{http_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let healthy = wait_until(Duration::from_secs(30), || {
-        matches!(child.0.try_wait(), Ok(Some(_)))
-            || http(http_port, "GET", "/v1/health", &[], b"").is_ok_and(|r| r.0 == 200)
-    });
-    assert!(
-        healthy && matches!(child.0.try_wait(), Ok(None)),
-        "fleet-server did not become healthy"
-    );
-    child
 }
 
 fn admin_token(d: &Path) -> String {
@@ -72,7 +46,7 @@ fn fleet_server_starts_healthy_with_a_private_admin_token_it_reuses() {
     let tmp = scratch();
     let d = tmp.path();
     let (port, broker) = (free_port(), free_port());
-    let mut fleet = start_fleet(d, port, broker);
+    let mut fleet = start_fleet_server(d, port, broker, "");
 
     let (code, body) = http(port, "GET", "/v1/health", &[], b"").unwrap();
     assert_eq!(code, 200);
@@ -135,7 +109,7 @@ fn fleet_server_starts_healthy_with_a_private_admin_token_it_reuses() {
     );
 
     // a second start reuses the token file
-    let mut fleet = start_fleet(d, port, broker);
+    let mut fleet = start_fleet_server(d, port, broker, "");
     assert_eq!(admin_token(d), token);
     let (code, _) = http(port, "GET", "/metrics", &[("Authorization", &auth)], b"").unwrap();
     assert_eq!(code, 200);
@@ -160,7 +134,7 @@ fn an_agent_delivers_records_through_the_embedded_broker() {
     // the agent with the example model, as in the telemetry tests
     install_example_agent(d);
     let (fleet_port, broker, agent_port) = (free_port(), free_port(), free_port());
-    let mut fleet = start_fleet(d, fleet_port, broker);
+    let mut fleet = start_fleet_server(d, fleet_port, broker, "");
     std::fs::write(
         d.join("agent.toml"),
         format!(

@@ -5,45 +5,11 @@
 //! sent; and `fleetctl audit verify --file` on a real audit log (0) and on edited, truncated
 //! and missing copies (65, 66).
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Command, Output};
 
-use e2e_tests::{bin, free_port, http, scratch, wait_until, ChildGuard};
+use e2e_tests::{bin, free_port, scratch, start_fleet_server};
 use fleet_server::audit::{head_path, AuditLog, NewRecord, Outcome};
 use serde_json::Value;
-
-/// Starts `fleet-server run` in `d` (state dir `fleet-state`, embedded broker on a free
-/// port) and waits until `/v1/health` answers.
-fn start_fleet(d: &Path, http_port: u16) -> ChildGuard {
-    let cfg = d.join("fleet.toml");
-    std::fs::write(
-        &cfg,
-        format!("[broker]\nlisten = \"127.0.0.1:{}\"\n", free_port()),
-    )
-    .unwrap();
-    let mut child = ChildGuard(
-        Command::new(bin("fleet-server"))
-            .current_dir(d)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .args(["--state-dir", "fleet-state", "--http-listen"])
-            .arg(format!("127.0.0.1:{http_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let healthy = wait_until(Duration::from_secs(30), || {
-        matches!(child.0.try_wait(), Ok(Some(_)))
-            || http(http_port, "GET", "/v1/health", &[], b"").is_ok_and(|r| r.0 == 200)
-    });
-    assert!(
-        healthy && matches!(child.0.try_wait(), Ok(None)),
-        "fleet-server did not become healthy"
-    );
-    child
-}
 
 /// `fleetctl ARGS` with no `FLEET_*` variables inherited.
 fn fleetctl(args: &[&str]) -> Command {
@@ -72,7 +38,7 @@ fn fleetctl_talks_to_a_real_server_with_the_bootstrap_token() {
     let tmp = scratch();
     let d = tmp.path();
     let port = free_port();
-    let _fleet = start_fleet(d, port);
+    let _fleet = start_fleet_server(d, port, free_port(), "");
     let url = format!("http://127.0.0.1:{port}");
     let token_file = d.join("fleet-state/admin-token");
     let token_path = token_file.to_str().unwrap();

@@ -22,7 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use e2e_tests::{
-    bin, build_bundle, free_port, http, pdm, run_ok, scratch, wait_until, ChildGuard, PDM_FEATURES,
+    bin, build_bundle, free_port, http, pdm, run_ok, scratch, spawn_fleet_server,
+    start_fleet_server, wait_fleet_healthy, wait_until, ChildGuard, PDM_FEATURES,
 };
 use edge_agent::runtime::MIN_FOR_P99;
 use serde_json::{json, Value};
@@ -51,33 +52,29 @@ impl Fleet {
     /// As [`Fleet::start_with`], serving bundles in chunks of `chunk_bytes` (at least 4096).
     fn start_chunked(dir: &Path, extra: &str, token: Option<&str>, chunk_bytes: usize) -> Fleet {
         let (http_port, broker) = (free_port(), free_port());
-        std::fs::write(
-            dir.join("fleet.toml"),
-            format!(
-                "state_dir = \"fleet-state\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\
-                 {extra}\n\
-                 [broker]\nlisten = \"127.0.0.1:{broker}\"\n\
-                 [bundles]\ntrust_root = \"root.pub\"\nchunk_bytes = {chunk_bytes}\n\
-                 [rollouts]\ntick_ms = 100\n"
-            ),
-        )
-        .unwrap();
-        let mut f = Fleet {
-            dir: dir.to_path_buf(),
-            http: http_port,
+        let child = start_fleet_server(
+            dir,
+            http_port,
             broker,
-            token: String::new(),
-            child: Fleet::spawn(dir),
-        };
-        f.wait_healthy();
-        f.token = match token {
+            &format!(
+                "[bundles]\ntrust_root = \"root.pub\"\nchunk_bytes = {chunk_bytes}\n\
+                 [rollouts]\ntick_ms = 100\n{extra}\n"
+            ),
+        );
+        let token = match token {
             Some(t) => t.to_string(),
             None => std::fs::read_to_string(dir.join("fleet-state/admin-token"))
                 .unwrap()
                 .trim()
                 .to_string(),
         };
-        f
+        Fleet {
+            dir: dir.to_path_buf(),
+            http: http_port,
+            broker,
+            token,
+            child,
+        }
     }
 
     /// `fleetctl --server .. --token TOKEN ARGS`: (exit code, stdout, stderr).
@@ -96,38 +93,12 @@ impl Fleet {
         )
     }
 
-    fn spawn(dir: &Path) -> ChildGuard {
-        ChildGuard(
-            Command::new(bin("fleet-server"))
-                .current_dir(dir)
-                .args(["run", "--config", "fleet.toml"])
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join("fleet.log")).unwrap())
-                .spawn()
-                .unwrap(),
-        )
-    }
-
-    fn wait_healthy(&mut self) {
-        let port = self.http;
-        let child = &mut self.child;
-        let ok = wait_until(Duration::from_secs(30), || {
-            matches!(child.0.try_wait(), Ok(Some(_)))
-                || http(port, "GET", "/v1/health", &[], b"").is_ok_and(|r| r.0 == 200)
-        });
-        assert!(
-            ok && matches!(self.child.0.try_wait(), Ok(None)),
-            "fleet-server did not become healthy: {}",
-            std::fs::read_to_string(self.dir.join("fleet.log")).unwrap_or_default()
-        );
-    }
-
     /// `kill -9`, then a new process on the same state, ports and config.
     fn crash_and_restart(&mut self) {
         let _ = self.child.0.kill();
         let _ = self.child.0.wait();
-        self.child = Fleet::spawn(&self.dir);
-        self.wait_healthy();
+        self.child = spawn_fleet_server(&self.dir);
+        wait_fleet_healthy(&mut self.child, &self.dir, self.http);
     }
 
     fn api(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
