@@ -1967,6 +1967,19 @@ mod tests {
         })
     }
 
+    fn value(v: f64) -> Option<Predicted> {
+        Some(Predicted::Value(v))
+    }
+
+    /// A log of `capacity` predictions with the binary classifier `pdm` 1 (release 1; classes
+    /// `ok`, `failure`, positive `failure`) registered.
+    fn pdm_log(capacity: usize, window: usize) -> (Feedback, ModelKey) {
+        let f = feedback(capacity, window);
+        let key = ModelKey::new("pdm", "1", 1);
+        f.register(&key, classifier(&["ok", "failure"], Some(1)));
+        (f, key)
+    }
+
     fn text(s: &str) -> Truth {
         Truth::Label(Label::Text(s.to_string()))
     }
@@ -1976,7 +1989,8 @@ mod tests {
         assert!((a - b).abs() < 1e-12, "{a} != {b}");
     }
 
-    /// Records `predicted` and applies `truth` (class indexes) for one classifier version.
+    /// Records `predicted` and applies `truth` (class indexes) for one classifier version:
+    /// the version's summary.
     fn run_classifier(
         f: &Feedback,
         key: &ModelKey,
@@ -1984,13 +1998,64 @@ mod tests {
         predicted: &[u32],
         truth: &[usize],
         groups: Option<&[String]>,
-    ) {
+    ) -> FeedbackSummary {
         let ids = ids(&key.version, predicted.len());
         let preds: Vec<_> = predicted.iter().map(|&p| class(p)).collect();
         assert_eq!(f.record(&ids, key, &preds, groups), predicted.len());
         for (id, &t) in ids.iter().zip(truth) {
             f.apply(id, text(classes[t])).unwrap();
         }
+        f.summary(key).unwrap()
+    }
+
+    /// `shared::metrics::classification` of the same rows (positive class 1).
+    fn shared_metrics(
+        classes: &[&str],
+        predicted: &[u32],
+        truth: &[usize],
+        groups: Option<&[String]>,
+        privileged: Option<&str>,
+    ) -> metrics::Metrics {
+        let cls: Vec<String> = classes.iter().map(|c| c.to_string()).collect();
+        let p: Vec<usize> = predicted.iter().map(|&x| x as usize).collect();
+        metrics::classification(&Classification {
+            classes: &cls,
+            truth,
+            predicted: &p,
+            proba: None,
+            groups,
+            privileged,
+            positive: 1,
+        })
+        .unwrap()
+        .metrics
+    }
+
+    /// Applies the label `truth(i)` to `ids[i]`, in order: the drift changes, each with the
+    /// index of the feedback that caused it.
+    fn drift_changes(
+        f: &Feedback,
+        ids: &[String],
+        truth: impl Fn(usize) -> &'static str,
+    ) -> Vec<(usize, DriftChange)> {
+        let mut changes = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(c) = f.apply(id, text(truth(i))).unwrap().drift {
+                changes.push((i, c));
+            }
+        }
+        changes
+    }
+
+    /// [`drift_changes`] where exactly one change is expected: its index and the change.
+    fn only_drift_change(
+        f: &Feedback,
+        ids: &[String],
+        truth: impl Fn(usize) -> &'static str,
+    ) -> (usize, DriftChange) {
+        let changes = drift_changes(f, ids, truth);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        changes.into_iter().next().unwrap()
     }
 
     #[test]
@@ -2001,8 +2066,7 @@ mod tests {
         f.register(&key, classifier(&classes, Some(1)));
         let predicted = [1, 1, 0, 0, 1, 0, 0, 0];
         let truth = [1, 0, 0, 1, 1, 0, 0, 0];
-        run_classifier(&f, &key, &classes, &predicted, &truth, None);
-        let s = f.summary(&key).unwrap();
+        let s = run_classifier(&f, &key, &classes, &predicted, &truth, None);
         // 6 of 8 right; positive class: tp 2, predicted 3, true 3 -> F1 = 4 / 6
         close(s.window.accuracy, 0.75);
         close(s.window.f1, 2.0 / 3.0);
@@ -2013,21 +2077,9 @@ mod tests {
             (8, 8, 8)
         );
         assert_eq!(s.task, "classification");
-        let cls: Vec<String> = classes.iter().map(|c| c.to_string()).collect();
-        let t: Vec<usize> = truth.to_vec();
-        let p: Vec<usize> = predicted.iter().map(|&x| x as usize).collect();
-        let r = metrics::classification(&Classification {
-            classes: &cls,
-            truth: &t,
-            predicted: &p,
-            proba: None,
-            groups: None,
-            privileged: None,
-            positive: 1,
-        })
-        .unwrap();
-        close(s.window.f1, r.metrics["f1"]);
-        close(s.window.accuracy, r.metrics["accuracy"]);
+        let m = shared_metrics(&classes, &predicted, &truth, None, None);
+        close(s.window.f1, m["f1"]);
+        close(s.window.accuracy, m["accuracy"]);
     }
 
     #[test]
@@ -2039,8 +2091,7 @@ mod tests {
         // class d never occurs: macro over a, b, c
         let predicted = [0, 2, 2, 0, 0, 1];
         let truth = [0, 1, 2, 0, 1, 2];
-        run_classifier(&f, &key, &classes, &predicted, &truth, None);
-        let s = f.summary(&key).unwrap();
+        let s = run_classifier(&f, &key, &classes, &predicted, &truth, None);
         // F1: a = 4/5, b = 0/3, c = 2/4 -> (0.8 + 0 + 0.5) / 3
         close(s.window.accuracy, 0.5);
         close(s.window.f1, 1.3 / 3.0);
@@ -2054,9 +2105,7 @@ mod tests {
         let key = ModelKey::new("load", "r1", 7);
         f.register(&key, regressor());
         let ids = ids("r", 4);
-        let preds: Vec<_> = [1.5, 2.0, 2.0, 6.0]
-            .map(|v| Some(Predicted::Value(v)))
-            .to_vec();
+        let preds: Vec<_> = [1.5, 2.0, 2.0, 6.0].map(value).to_vec();
         f.record(&ids, &key, &preds, None);
         for (id, t) in ids.iter().zip([1.0, 2.0, 3.0, 4.0]) {
             let a = f.apply(id, Truth::Value(t)).unwrap();
@@ -2075,15 +2124,11 @@ mod tests {
 
     #[test]
     fn window_keeps_the_last_n_labels_and_since_activation_keeps_all() {
-        let f = feedback(100, 4);
-        let key = ModelKey::new("pdm", "1", 1);
-        let classes = ["ok", "failure"];
-        f.register(&key, classifier(&classes, Some(1)));
+        let (f, key) = pdm_log(100, 4);
         // 4 wrong, then 4 right: the window sees only the right ones
         let predicted = [0, 0, 0, 0, 1, 1, 1, 1];
         let truth = [1, 1, 1, 1, 1, 1, 1, 1];
-        run_classifier(&f, &key, &classes, &predicted, &truth, None);
-        let s = f.summary(&key).unwrap();
+        let s = run_classifier(&f, &key, &["ok", "failure"], &predicted, &truth, None);
         close(s.window.accuracy, 1.0);
         assert_eq!(s.window.labelled, 4);
         close(s.since_activation.accuracy, 0.5);
@@ -2105,8 +2150,7 @@ mod tests {
             .collect();
         let truth = [1, 1, 0, 0, 1, 1, 0, 0];
         let predicted = [1, 0, 1, 0, 1, 1, 1, 0];
-        run_classifier(&f, &key, &classes, &predicted, &truth, Some(&groups));
-        let s = f.summary(&key).unwrap();
+        let s = run_classifier(&f, &key, &classes, &predicted, &truth, Some(&groups));
         let fair = s.fairness.expect("fairness with groups");
         // a: selection 2/4, TPR 1/2; b: selection 3/4, TPR 2/2
         close(fair.statistical_parity_difference, 0.25);
@@ -2116,25 +2160,14 @@ mod tests {
         assert_eq!(fair.groups.len(), 2);
         assert_eq!(fair.groups[1].group, "b");
         assert_eq!(fair.groups[1].true_positive_rate, Some(1.0));
-        let cls: Vec<String> = classes.iter().map(|c| c.to_string()).collect();
-        let p: Vec<usize> = predicted.iter().map(|&x| x as usize).collect();
-        let r = metrics::classification(&Classification {
-            classes: &cls,
-            truth: &truth,
-            predicted: &p,
-            proba: None,
-            groups: Some(&groups),
-            privileged: Some("a"),
-            positive: 1,
-        })
-        .unwrap();
+        let m = shared_metrics(&classes, &predicted, &truth, Some(&groups), Some("a"));
         close(
             fair.statistical_parity_difference,
-            r.metrics["statistical_parity_difference"],
+            m["statistical_parity_difference"],
         );
         close(
             fair.equal_opportunity_difference,
-            r.metrics["equal_opportunity_difference"],
+            m["equal_opportunity_difference"],
         );
     }
 
@@ -2147,7 +2180,7 @@ mod tests {
         f.register(&key, spec);
         let ids = ids("g", 4);
         let groups: Vec<String> = ["x", "x", "y", "y"].iter().map(|g| g.to_string()).collect();
-        let preds = vec![Some(Predicted::Value(0.0)); 4];
+        let preds = vec![value(0.0); 4];
         f.record(&ids, &key, &preds, Some(&groups));
         for (id, t) in ids.iter().zip([1.0, 3.0, 0.5, -0.5]) {
             f.apply(id, Truth::Value(t)).unwrap();
@@ -2160,9 +2193,7 @@ mod tests {
 
     #[test]
     fn full_log_evicts_the_oldest_and_counts() {
-        let f = feedback(3, 10);
-        let key = ModelKey::new("pdm", "1", 1);
-        f.register(&key, classifier(&["ok", "failure"], Some(1)));
+        let (f, key) = pdm_log(3, 10);
         let ids = ids("e", 5);
         f.record(
             &ids,
@@ -2192,9 +2223,7 @@ mod tests {
 
     #[test]
     fn same_truth_is_a_duplicate_and_a_different_one_is_refused() {
-        let f = feedback(10, 10);
-        let key = ModelKey::new("pdm", "1", 1);
-        f.register(&key, classifier(&["ok", "failure"], Some(1)));
+        let (f, key) = pdm_log(10, 10);
         let ids = ids("d", 1);
         f.record(&ids, &key, &[class(1)], None);
         let first = f.apply(&ids[0], text("failure")).unwrap();
@@ -2225,12 +2254,7 @@ mod tests {
         f.register(&cls, classifier(&["0", "1"], Some(1)));
         f.register(&reg, regressor());
         f.record(&["c".to_string()], &cls, &[class(1)], None);
-        f.record(
-            &["r".to_string()],
-            &reg,
-            &[Some(Predicted::Value(2.0))],
-            None,
-        );
+        f.record(&["r".to_string()], &reg, &[value(2.0)], None);
 
         let e = f.apply("c", Truth::Value(1.0)).unwrap_err();
         assert!(
@@ -2296,12 +2320,7 @@ mod tests {
         let f = feedback(100, 10);
         let first = ModelKey::new("m", "v0", 0);
         f.register(&first, regressor());
-        f.record(
-            &["old".to_string()],
-            &first,
-            &[Some(Predicted::Value(1.0))],
-            None,
-        );
+        f.record(&["old".to_string()], &first, &[value(1.0)], None);
         for r in 1..=MAX_VERSIONS as u64 {
             f.register(&ModelKey::new("m", &format!("v{r}"), r), regressor());
         }
@@ -2332,28 +2351,18 @@ mod tests {
         f.register(&key, spec);
         let ids = ids("z", 400);
         f.record(&ids, &key, &vec![class(0); 400], None);
-        let mut changes = Vec::new();
         // 100 labels, every 10th wrong: error 0.1 = baseline
-        for (i, id) in ids[..100].iter().enumerate() {
-            let truth = if i % 10 == 9 { "failure" } else { "ok" };
-            if let Some(c) = f.apply(id, text(truth)).unwrap().drift {
-                changes.push((i, c));
-            }
-        }
+        let every_10th_wrong = |i: usize| if i % 10 == 9 { "failure" } else { "ok" };
+        let changes = drift_changes(&f, &ids[..100], every_10th_wrong);
         assert!(changes.is_empty(), "{changes:?}");
         let s = f.summary(&key).unwrap();
         assert_eq!(s.drift.baseline_source, "signoff");
         assert!(s.drift.z.unwrap().abs() < 1e-9, "{:?}", s.drift.z);
         // then all wrong: after the 11th, the window has 20 errors in 100:
         // z = (0.2 - 0.1) / sqrt(0.1 * 0.9 / 100) = 3.33
-        for (j, id) in ids[100..200].iter().enumerate() {
-            if let Some(c) = f.apply(id, text("failure")).unwrap().drift {
-                changes.push((j, c));
-            }
-        }
-        assert_eq!(changes.len(), 1, "{changes:?}");
-        let (j, DriftChange::Started { z }) = changes[0] else {
-            panic!("{changes:?}")
+        let (j, change) = only_drift_change(&f, &ids[100..200], |_| "failure");
+        let DriftChange::Started { z } = change else {
+            panic!("{change:?}")
         };
         assert_eq!(j, 10);
         assert!((z - 0.1 / 0.03).abs() < 1e-9, "{z}");
@@ -2363,15 +2372,9 @@ mod tests {
         assert!((s.drift.z.unwrap() - 30.0).abs() < 1e-9);
         close(s.drift.recent_error, 1.0);
         // right again: cleared once, when the error share falls below 0.16
-        changes.clear();
-        for (j, id) in ids[200..400].iter().enumerate() {
-            if let Some(c) = f.apply(id, text("ok")).unwrap().drift {
-                changes.push((j, c));
-            }
-        }
-        assert_eq!(changes.len(), 1, "{changes:?}");
-        let (j, DriftChange::Cleared { z }) = changes[0] else {
-            panic!("{changes:?}")
+        let (j, change) = only_drift_change(&f, &ids[200..400], |_| "ok");
+        let DriftChange::Cleared { z } = change else {
+            panic!("{change:?}")
         };
         // cleared at 15 errors in 100: z = 0.05 / 0.03 = 1.67 (16 gives exactly 2.0)
         assert_eq!(j, 84);
@@ -2390,7 +2393,7 @@ mod tests {
         let key = ModelKey::new("load", "1", 1);
         f.register(&key, regressor());
         let ids = ids("w", 5);
-        f.record(&ids, &key, &[Some(Predicted::Value(0.0)); 5], None);
+        f.record(&ids, &key, &[value(0.0); 5], None);
         for (id, t) in ids.iter().zip([1.0, -2.0, 1.0, 2.0, 5.0]) {
             f.apply(id, Truth::Value(t)).unwrap();
         }
@@ -2639,9 +2642,7 @@ mod tests {
 
     #[test]
     fn batch_apply_reports_each_item() {
-        let f = feedback(10, 10);
-        let key = ModelKey::new("pdm", "1", 1);
-        f.register(&key, classifier(&["ok", "failure"], Some(1)));
+        let (f, key) = pdm_log(10, 10);
         f.record(&ids("b", 2), &key, &[class(0), class(1)], None);
         let body = br#"{"feedback": [{"prediction_id": "b-0", "label": "ok"},
             {"prediction_id": "b-0", "label": "ok"}, {"prediction_id": "nope", "label": "ok"}]}"#;
@@ -2659,9 +2660,7 @@ mod tests {
 
     #[test]
     fn summary_serializes_with_explicit_fields() {
-        let f = feedback(10, 10);
-        let key = ModelKey::new("pdm", "1", 1);
-        f.register(&key, classifier(&["ok", "failure"], Some(1)));
+        let (f, key) = pdm_log(10, 10);
         let s = f.summary(&key).unwrap();
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["schema"], 1);

@@ -2368,12 +2368,71 @@ mod tests {
         (class, text.as_bytes().to_vec())
     }
 
+    /// The seqs of `read_after(after, max_records, BIG)`.
+    fn seqs_after(o: &Outbox, after: u64, max_records: usize) -> Vec<u64> {
+        seqs(&o.read_after(after, max_records, BIG).unwrap())
+    }
+
+    /// `n` records cycling through the classes (seq `i` of class `ALL[(i - 1) % 4]`), record
+    /// `i` (from 0) with `payload(i)`.
+    fn cycled(n: usize, payload: impl Fn(usize) -> Vec<u8>) -> Vec<(Class, Vec<u8>)> {
+        (0..n).map(|i| (Class::ALL[i % 4], payload(i))).collect()
+    }
+
+    /// The default config with the byte cap `max_bytes`.
+    fn capped(max_bytes: u64) -> OutboxConfig {
+        OutboxConfig {
+            max_bytes,
+            ..OutboxConfig::default()
+        }
+    }
+
+    /// `(produced, dropped by the cap, pending records)` of `class`.
+    fn cap_counts(s: &OutboxStats, class: Class) -> (u64, u64, u64) {
+        let c = s.class(class);
+        (c.produced, c.dropped(DropReason::Cap), c.pending_records)
+    }
+
+    /// An outbox directory (`<tmp>/outbox`) and the config the tests open it with.
+    struct Fixture {
+        tmp: tempfile::TempDir,
+        dir: PathBuf,
+        cfg: OutboxConfig,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Self::with(OutboxConfig::default())
+        }
+
+        fn with(cfg: OutboxConfig) -> Self {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("outbox");
+            Fixture { tmp, dir, cfg }
+        }
+
+        /// A new fixture with `cfg`, and its outbox opened.
+        fn opened(cfg: OutboxConfig) -> (Self, Outbox) {
+            let fx = Self::with(cfg);
+            let o = fx.open();
+            (fx, o)
+        }
+
+        /// Opens the outbox with the fixture's config (no quarantine expected).
+        fn open(&self) -> Outbox {
+            open(&self.dir, &self.cfg)
+        }
+
+        /// Closes `o` and opens the outbox again.
+        fn reopen(&self, o: Outbox) -> Outbox {
+            drop(o);
+            self.open()
+        }
+    }
+
     #[test]
     fn seqs_are_ordered_and_never_reused_across_reopen() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
-        let cfg = OutboxConfig::default();
-        let o = open(&dir, &cfg);
+        let (fx, o) = Fixture::opened(OutboxConfig::default());
         assert_eq!(o.last_seq(), 0);
         let r = o
             .append_at(
@@ -2396,22 +2455,20 @@ mod tests {
         assert_eq!(all[1].class, Class::Event);
         assert_eq!(all[2].payload, b"d3");
         assert_eq!(all[3].class, Class::Health);
-        drop(o);
 
-        let o = open(&dir, &cfg);
+        let o = fx.reopen(o);
         assert_eq!(o.last_seq(), 4);
-        assert_eq!(seqs(&o.read_after(0, 100, BIG).unwrap()), vec![1, 2, 3, 4]);
-        assert_eq!(seqs(&o.read_after(2, 100, BIG).unwrap()), vec![3, 4]);
+        assert_eq!(seqs_after(&o, 0, 100), vec![1, 2, 3, 4]);
+        assert_eq!(seqs_after(&o, 2, 100), vec![3, 4]);
         assert_eq!(o.append(&[rec(Class::Telemetry, "t5")]).unwrap(), 5..6);
         assert_eq!(o.ack_through(5).unwrap(), 5);
         assert!(o.read_after(0, 100, BIG).unwrap().is_empty());
-        drop(o);
 
         // Everything acknowledged: the next seq still continues.
-        let o = open(&dir, &cfg);
+        let o = fx.reopen(o);
         assert_eq!(o.acked_through(), 5);
         assert_eq!(o.append(&[rec(Class::Drift, "d6")]).unwrap(), 6..7);
-        assert_eq!(seqs(&o.read_after(0, 100, BIG).unwrap()), vec![6]);
+        assert_eq!(seqs_after(&o, 0, 100), vec![6]);
         o.verify().unwrap();
     }
 
@@ -2436,19 +2493,15 @@ mod tests {
             w.join().unwrap();
         }
         assert_eq!(o.last_seq(), 200);
-        assert_eq!(
-            seqs(&o.read_after(0, 1000, BIG).unwrap()),
-            (1..=200).collect::<Vec<_>>()
-        );
+        assert_eq!(seqs_after(&o, 0, 1000), (1..=200).collect::<Vec<_>>());
         o.verify().unwrap();
     }
 
     #[test]
     fn reopening_right_after_close_works() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
+        let fx = Fixture::new();
         for i in 0..30u64 {
-            let o = open(&dir, &OutboxConfig::default());
+            let o = fx.open();
             assert_eq!(o.append(&[rec(Class::Event, "e")]).unwrap(), i + 1..i + 2);
         }
     }
@@ -2457,12 +2510,10 @@ mod tests {
     fn read_after_respects_record_and_byte_limits() {
         let tmp = tempfile::tempdir().unwrap();
         let o = open(tmp.path(), &OutboxConfig::default());
-        let batch: Vec<_> = (0..10)
-            .map(|i| (Class::ALL[i % 4], vec![b'x'; 100]))
-            .collect();
+        let batch = cycled(10, |_| vec![b'x'; 100]);
         assert_eq!(o.append(&batch).unwrap(), 1..11);
-        assert_eq!(seqs(&o.read_after(0, 3, BIG).unwrap()), vec![1, 2, 3]);
-        assert_eq!(seqs(&o.read_after(3, 3, BIG).unwrap()), vec![4, 5, 6]);
+        assert_eq!(seqs_after(&o, 0, 3), vec![1, 2, 3]);
+        assert_eq!(seqs_after(&o, 3, 3), vec![4, 5, 6]);
         // 250 payload bytes: two records of 100.
         assert_eq!(seqs(&o.read_after(0, 100, 250).unwrap()), vec![1, 2]);
         // At least one record, even over the byte limit or with a zero record limit.
@@ -2477,16 +2528,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let o = open(tmp.path(), &OutboxConfig::default());
         // seq i has class ALL[(i - 1) % 4]: 1 T, 2 D, 3 H, 4 E, 5 T, ...
-        let batch: Vec<_> = (0..10)
-            .map(|i| (Class::ALL[i % 4], format!("r{}", i + 1).into_bytes()))
-            .collect();
-        o.append(&batch).unwrap();
+        o.append(&cycled(10, |i| format!("r{}", i + 1).into_bytes()))
+            .unwrap();
         assert_eq!(o.ack_through(4).unwrap(), 4);
         assert_eq!(o.acked_through(), 4);
-        assert_eq!(
-            seqs(&o.read_after(0, 100, BIG).unwrap()),
-            vec![5, 6, 7, 8, 9, 10]
-        );
+        assert_eq!(seqs_after(&o, 0, 100), vec![5, 6, 7, 8, 9, 10]);
         assert_eq!(o.ack_through(4).unwrap(), 0);
         assert_eq!(o.ack_through(2).unwrap(), 0);
         assert_eq!(o.acked_through(), 4);
@@ -2499,7 +2545,7 @@ mod tests {
         assert!(text.contains("11") && text.contains("10"), "{text}");
         assert_eq!(o.acked_through(), 4);
         assert_eq!(o.ack_through(7).unwrap(), 3);
-        assert_eq!(seqs(&o.read_after(0, 100, BIG).unwrap()), vec![8, 9, 10]);
+        assert_eq!(seqs_after(&o, 0, 100), vec![8, 9, 10]);
         let s = o.stats();
         // Acked: seqs 1..=7 → T {1,5}, D {2,6}, H {3,7}, E {4}.
         assert_eq!(s.class(Class::Telemetry).acknowledged, 2);
@@ -2518,14 +2564,11 @@ mod tests {
 
     #[test]
     fn large_acks_are_applied_in_chunks() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
-        let o = open(&dir, &OutboxConfig::default());
+        let (fx, o) = Fixture::opened(OutboxConfig::default());
         // Segments of 64 records; per class 2 * 64 + a few: three segments each.
         o.set_segment_limits(64, SEG_MAX_BYTES);
-        let n = 4 * 2 * 64 + 17;
-        let batch: Vec<_> = (0..n).map(|i| (Class::ALL[i % 4], vec![1u8; 8])).collect();
-        o.append(&batch).unwrap();
+        o.append(&cycled(4 * 2 * 64 + 17, |_| vec![1u8; 8]))
+            .unwrap();
         assert_eq!(o.segment_count().unwrap(), 12);
         // And many small segments (one record each).
         o.set_segment_limits(1, SEG_MAX_BYTES);
@@ -2539,12 +2582,11 @@ mod tests {
         assert_eq!(o.stats().pending_records(), 5);
         assert_eq!(o.acked_through(), last - 5);
         assert_eq!(
-            seqs(&o.read_after(0, 100, BIG).unwrap()),
+            seqs_after(&o, 0, 100),
             (last - 4..=last).collect::<Vec<_>>()
         );
         o.verify().unwrap();
-        drop(o);
-        let o = open(&dir, &OutboxConfig::default());
+        let o = fx.reopen(o);
         assert_eq!(o.acked_through(), last - 5);
         assert_eq!(o.stats().pending_records(), 5);
         o.verify().unwrap();
@@ -2552,13 +2594,7 @@ mod tests {
 
     #[test]
     fn appends_are_split_into_bounded_segments() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
-        let cfg = OutboxConfig {
-            max_bytes: 1 << 30,
-            ..OutboxConfig::default()
-        };
-        let o = open(&dir, &cfg);
+        let (_fx, o) = Fixture::opened(capped(1 << 30));
         // One append of 1000 records of two classes: two segments.
         let batch: Vec<_> = (0..1000)
             .map(|i| {
@@ -2604,20 +2640,19 @@ mod tests {
 
     #[test]
     fn small_appends_fill_the_newest_segment_and_acks_delete_files() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
-        let o = open(&dir, &OutboxConfig::default());
+        let fx = Fixture::new();
+        let dir = &fx.dir;
+        let o = fx.open();
         for i in 0..50 {
             o.append(&[rec(Class::Health, &format!("h{i}")), rec(Class::Event, "e")])
                 .unwrap();
         }
         // One segment (and one file) per class, not one per append.
         assert_eq!(o.segment_count().unwrap(), 2);
-        assert_eq!(segment_files(&dir).len(), 2);
+        assert_eq!(segment_files(dir).len(), 2);
         o.verify().unwrap();
-        drop(o);
         // Still extended after a reopen.
-        let o = open(&dir, &OutboxConfig::default());
+        let o = fx.reopen(o);
         o.append(&[rec(Class::Health, "after")]).unwrap();
         assert_eq!(o.segment_count().unwrap(), 2);
         let all = o.read_after(0, 1000, BIG).unwrap();
@@ -2625,9 +2660,9 @@ mod tests {
         assert_eq!(all[100].payload, b"after");
         assert_eq!(all[98].payload, b"h49");
         // An ack inside the segments rewrites them to new files; the old ones are deleted.
-        let before = segment_files(&dir);
+        let before = segment_files(dir);
         o.ack_through(11).unwrap();
-        let after = segment_files(&dir);
+        let after = segment_files(dir);
         assert_eq!(after.len(), 2);
         assert!(
             after.iter().all(|f| !before.contains(f)),
@@ -2635,7 +2670,7 @@ mod tests {
         );
         o.verify().unwrap();
         o.ack_through(101).unwrap();
-        assert!(segment_files(&dir).is_empty());
+        assert!(segment_files(dir).is_empty());
         assert_eq!(o.segment_count().unwrap(), 0);
         o.verify().unwrap();
     }
@@ -2646,13 +2681,11 @@ mod tests {
             eprintln!("SKIPPED: no /dev/full on this machine");
             return;
         }
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
-        let o = open(&dir, &OutboxConfig::default());
+        let (fx, o) = Fixture::opened(OutboxConfig::default());
         o.append(&[rec(Class::Event, "stored"), rec(Class::Event, "stored too")])
             .unwrap();
         // The disk fills up: writes to the segment file fail with ENOSPC (/dev/full).
-        let f = segment_files(&dir).remove(0);
+        let f = segment_files(&fx.dir).remove(0);
         let saved = std::fs::read(&f).unwrap();
         std::fs::remove_file(&f).unwrap();
         std::os::unix::fs::symlink("/dev/full", &f).unwrap();
@@ -2668,10 +2701,8 @@ mod tests {
         // Space again (the file as it was): reopened, the stored records are all there.
         std::fs::remove_file(&f).unwrap();
         std::fs::write(&f, saved).unwrap();
-        drop(o);
-        let o = open(&dir, &OutboxConfig::default());
-        let all = o.read_after(0, 10, BIG).unwrap();
-        assert_eq!(seqs(&all), vec![1, 2]);
+        let o = fx.reopen(o);
+        assert_eq!(seqs_after(&o, 0, 10), vec![1, 2]);
         // The drops and the seq the failed append took were saved (the index still took a
         // write): no seq is reused; the refused append took none.
         assert_eq!(o.stats().class(Class::Event).dropped(DropReason::Io), 2);
@@ -2689,9 +2720,9 @@ mod tests {
 
     #[test]
     fn unindexed_segment_files_are_deleted_on_open_and_ids_not_reused() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
-        let o = open(&dir, &OutboxConfig::default());
+        let fx = Fixture::new();
+        let dir = &fx.dir;
+        let o = fx.open();
         o.append(&[rec(Class::Event, "kept")]).unwrap();
         drop(o);
         // A crash after writing a file and before indexing it leaves such a file.
@@ -2699,12 +2730,11 @@ mod tests {
         std::fs::write(&stray, b"written, never indexed").unwrap();
         let other = dir.join(SEGMENTS_DIR).join("notes.txt");
         std::fs::write(&other, b"not ours").unwrap();
-        let (o, q) = Outbox::open(&dir, &OutboxConfig::default()).unwrap();
-        assert_eq!(q, None);
+        let o = fx.open();
         assert!(!stray.exists());
         assert!(other.exists(), "files that are not segments are left alone");
         o.append(&[rec(Class::Drift, "new file")]).unwrap();
-        let names: Vec<_> = segment_files(&dir)
+        let names: Vec<_> = segment_files(dir)
             .iter()
             .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect();
@@ -2757,11 +2787,9 @@ mod tests {
 
     #[test]
     fn a_damaged_segment_file_is_reported_with_its_name() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
-        let o = open(&dir, &OutboxConfig::default());
+        let (fx, o) = Fixture::opened(OutboxConfig::default());
         o.append(&[rec(Class::Event, "hello world")]).unwrap();
-        let f = segment_files(&dir).remove(0);
+        let f = segment_files(&fx.dir).remove(0);
         let mut bytes = std::fs::read(&f).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x20;
@@ -2789,20 +2817,15 @@ mod tests {
 
     #[test]
     fn read_after_starts_inside_a_segment() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
-        let o = open(&dir, &OutboxConfig::default());
+        let (fx, o) = Fixture::opened(OutboxConfig::default());
         // seq i: class ALL[(i - 1) % 4], payload "r<i>"; segments of 5 records: one segment
         // per class per append.
         o.set_segment_limits(5, SEG_MAX_BYTES);
-        for round in 0..3u64 {
-            let batch: Vec<_> = (0..20u64)
-                .map(|i| {
-                    let seq = round * 20 + i + 1;
-                    (Class::ALL[(i % 4) as usize], format!("r{seq}").into_bytes())
-                })
-                .collect();
-            o.append(&batch).unwrap();
+        for round in 0..3 {
+            o.append(&cycled(20, |i| {
+                format!("r{}", round * 20 + i + 1).into_bytes()
+            }))
+            .unwrap();
         }
         assert_eq!(o.segment_count().unwrap(), 12);
         let check = |o: &Outbox| {
@@ -2827,22 +2850,16 @@ mod tests {
             assert_eq!(seen, (1..=60).collect::<Vec<_>>());
         };
         check(&o);
-        drop(o);
-        let o = open(&dir, &OutboxConfig::default());
+        let o = fx.reopen(o);
         check(&o);
         o.verify().unwrap();
     }
 
     #[test]
     fn an_ack_inside_a_segment_rewrites_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
-        let o = open(&dir, &OutboxConfig::default());
+        let (fx, o) = Fixture::opened(OutboxConfig::default());
         // One append: four segments, seq i of class ALL[(i - 1) % 4].
-        let batch: Vec<_> = (0..40)
-            .map(|i| (Class::ALL[i % 4], vec![i as u8; 30]))
-            .collect();
-        o.append(&batch).unwrap();
+        o.append(&cycled(40, |i| vec![i as u8; 30])).unwrap();
         assert_eq!(o.segment_count().unwrap(), 4);
         // Through 13: telemetry 1,5,9,13; drift 2,6,10; health 3,7,11; event 4,8,12.
         assert_eq!(o.ack_through(13).unwrap(), 13);
@@ -2857,20 +2874,16 @@ mod tests {
         assert!(left
             .iter()
             .all(|r| r.payload == vec![(r.seq - 1) as u8; 30]));
-        assert_eq!(seqs(&o.read_after(5, 2, BIG).unwrap()), vec![14, 15]);
+        assert_eq!(seqs_after(&o, 5, 2), vec![14, 15]);
         o.verify().unwrap();
-        drop(o);
 
-        let o = open(&dir, &OutboxConfig::default());
-        assert_eq!(
-            seqs(&o.read_after(0, 100, BIG).unwrap()),
-            (14..=40).collect::<Vec<_>>()
-        );
+        let o = fx.reopen(o);
+        assert_eq!(seqs_after(&o, 0, 100), (14..=40).collect::<Vec<_>>());
         // Through 37 leaves one segment (event, seq 40) and rewrites telemetry... none:
         // telemetry's last is 37 (deleted), drift 38 and health 39 keep one record each.
         assert_eq!(o.ack_through(37).unwrap(), 24);
         assert_eq!(o.segment_count().unwrap(), 3);
-        assert_eq!(seqs(&o.read_after(0, 100, BIG).unwrap()), vec![38, 39, 40]);
+        assert_eq!(seqs_after(&o, 0, 100), vec![38, 39, 40]);
         assert_eq!(o.stats().class(Class::Telemetry).pending_records, 0);
         o.verify().unwrap();
         assert_eq!(o.ack_through(40).unwrap(), 3);
@@ -2881,14 +2894,8 @@ mod tests {
 
     #[test]
     fn partial_segment_eviction_is_exact_per_record() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
         let one = stored_size(500);
-        let cfg = OutboxConfig {
-            max_bytes: 150 * one,
-            ..OutboxConfig::default()
-        };
-        let o = open(&dir, &cfg);
+        let (fx, o) = Fixture::opened(capped(150 * one));
         // 100 telemetry + 100 health/event interleaved in one append: 200 > 150.
         let batch: Vec<_> = (0..200)
             .map(|i| {
@@ -2906,7 +2913,7 @@ mod tests {
         assert_eq!(s.class(Class::Telemetry).dropped(DropReason::Cap), 50);
         assert_eq!(s.class(Class::Telemetry).pending_records, 50);
         assert_eq!(s.stored_bytes, 150 * one);
-        let left = seqs(&o.read_after(0, 1000, BIG).unwrap());
+        let left = seqs_after(&o, 0, 1000);
         let dropped: Vec<u64> = (1..=200u64).filter(|s| (s - 1) % 4 < 2).take(50).collect();
         let want: Vec<u64> = (1..=200u64).filter(|s| !dropped.contains(s)).collect();
         assert_eq!(left, want);
@@ -2921,14 +2928,13 @@ mod tests {
         assert_eq!(s.class(Class::Health).dropped(DropReason::Cap), 5);
         assert_eq!(s.class(Class::Event).dropped(DropReason::Cap), 5);
         assert_eq!(s.stored_bytes, 150 * one);
-        let left = seqs(&o.read_after(0, 1000, BIG).unwrap());
+        let left = seqs_after(&o, 0, 1000);
         let mut want: Vec<u64> = (21..=200u64).filter(|s| (s - 1) % 4 >= 2).collect();
         want.extend(201..=260);
         assert_eq!(left, want);
         o.verify().unwrap();
-        drop(o);
-        let o = open(&dir, &cfg);
-        assert_eq!(seqs(&o.read_after(0, 1000, BIG).unwrap()), want);
+        let o = fx.reopen(o);
+        assert_eq!(seqs_after(&o, 0, 1000), want);
         assert_eq!(o.stats().class(Class::Event).dropped(DropReason::Cap), 5);
         o.verify().unwrap();
     }
@@ -2936,14 +2942,10 @@ mod tests {
     #[test]
     fn eviction_and_expiry_in_small_rounds_give_the_same_result() {
         let run = |limits: Option<(usize, usize)>| {
-            let tmp = tempfile::tempdir().unwrap();
-            let dir = tmp.path().join("outbox");
-            let cfg = OutboxConfig {
-                max_bytes: 60 * stored_size(300),
+            let (_fx, o) = Fixture::opened(OutboxConfig {
                 ttl_secs: Some(100),
-                ..OutboxConfig::default()
-            };
-            let o = open(&dir, &cfg);
+                ..capped(60 * stored_size(300))
+            });
             if let Some((chunk, walk)) = limits {
                 o.set_limits(chunk, walk);
             }
@@ -2957,7 +2959,7 @@ mod tests {
             o.expire(t0 + 350_000).unwrap();
             o.verify().unwrap();
             let s = o.stats();
-            let left = seqs(&o.read_after(0, 10_000, BIG).unwrap());
+            let left = seqs_after(&o, 0, 10_000);
             (s.classes, left)
         };
         let (a, left_a) = run(None);
@@ -2971,17 +2973,14 @@ mod tests {
 
     #[test]
     fn published_records_are_exempt_from_cap_and_ttl() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
         let one = stored_size(1000);
-        let cfg = OutboxConfig {
-            max_bytes: 10 * one,
+        let fx = Fixture::with(OutboxConfig {
             ttl_secs: Some(60),
-            ..OutboxConfig::default()
-        };
+            ..capped(10 * one)
+        });
         let t0 = now_ms();
         let p = || vec![5u8; 1000];
-        let o = open(&dir, &cfg);
+        let o = fx.open();
         assert_eq!(o.published_through(), 0);
         let ts: Vec<_> = (0..10).map(|_| (Class::Telemetry, p())).collect();
         o.append_at(&ts, t0).unwrap();
@@ -2996,14 +2995,14 @@ mod tests {
         let es: Vec<_> = (0..5).map(|_| (Class::Event, p())).collect();
         o.append_at(&es, t0).unwrap();
         assert_eq!(
-            seqs(&o.read_after(0, 100, BIG).unwrap()),
+            seqs_after(&o, 0, 100),
             vec![1, 2, 3, 4, 5, 11, 12, 13, 14, 15]
         );
         // 2 more events: no telemetry left to evict, the oldest events go (11, 12).
         o.append_at(&[(Class::Event, p()), (Class::Event, p())], t0)
             .unwrap();
         assert_eq!(
-            seqs(&o.read_after(0, 100, BIG).unwrap()),
+            seqs_after(&o, 0, 100),
             vec![1, 2, 3, 4, 5, 13, 14, 15, 16, 17]
         );
         // Everything published: the two new events are the only records the cap may drop,
@@ -3029,7 +3028,7 @@ mod tests {
         assert_eq!(o.published_through(), 2);
         o.append_at(&[(Class::Event, p())], t0 + 61_000).unwrap();
         // TTL (at t0 + 61 s) first: all of 3..=17 expire; the new event stays.
-        assert_eq!(seqs(&o.read_after(0, 100, BIG).unwrap()), vec![20]);
+        assert_eq!(seqs_after(&o, 0, 100), vec![20]);
         let s = o.stats();
         assert_eq!(s.class(Class::Telemetry).dropped(DropReason::Ttl), 3);
         assert_eq!(s.class(Class::Event).dropped(DropReason::Ttl), 5);
@@ -3037,8 +3036,7 @@ mod tests {
             assert!(c.balanced(), "{c:?}");
         }
         o.verify().unwrap();
-        drop(o);
-        let o = open(&dir, &cfg);
+        let o = fx.reopen(o);
         assert_eq!(o.published_through(), 2);
         assert_eq!(o.stats().classes, s.classes);
         o.verify().unwrap();
@@ -3046,18 +3044,10 @@ mod tests {
 
     #[test]
     fn the_published_watermark_resets_on_reopen() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
         let one = stored_size(100);
-        let small = OutboxConfig {
-            max_bytes: 1000 * one,
-            ..OutboxConfig::default()
-        };
-        let o = open(&dir, &small);
-        let ts: Vec<_> = (0..1000)
-            .map(|_| (Class::Telemetry, vec![1u8; 100]))
-            .collect();
-        o.append(&ts).unwrap();
+        let (fx, o) = Fixture::opened(capped(1000 * one));
+        o.append(&vec![(Class::Telemetry, vec![1u8; 100]); 1000])
+            .unwrap();
         o.ack_through(100).unwrap();
         o.set_published_through(1000);
         // Only the new events may be dropped: they are (the cap holds).
@@ -3075,16 +3065,12 @@ mod tests {
         drop(o);
         // After a restart nothing is in flight: a smaller cap evicts right away, oldest
         // telemetry first, starting just above the ack.
-        let cfg = OutboxConfig {
-            max_bytes: 500 * one,
-            ..OutboxConfig::default()
-        };
-        let o = open(&dir, &cfg);
+        let o = open(&fx.dir, &capped(500 * one));
         assert_eq!(o.published_through(), 100);
         let s = o.stats();
         assert_eq!(s.class(Class::Telemetry).dropped(DropReason::Cap), 500);
         assert_eq!(s.stored_bytes, 500 * one);
-        let left = seqs(&o.read_after(0, 10_000, BIG).unwrap());
+        let left = seqs_after(&o, 0, 10_000);
         assert_eq!(left.first(), Some(&601));
         assert_eq!(left.len(), 500);
         o.verify().unwrap();
@@ -3092,65 +3078,43 @@ mod tests {
 
     #[test]
     fn cap_evicts_the_oldest_of_the_lowest_class_first() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
         let one = stored_size(1000);
-        let cfg = OutboxConfig {
-            max_bytes: 10 * one,
-            ..OutboxConfig::default()
-        };
-        let o = open(&dir, &cfg);
+        let (fx, o) = Fixture::opened(capped(10 * one));
         let p = || vec![7u8; 1000];
         use Class::{Drift as D, Event as E, Health as H, Telemetry as T};
         let first = [T, E, D, H, T, D, E, T, D, H, T, E];
         let batch: Vec<_> = first.iter().map(|c| (*c, p())).collect();
         assert_eq!(o.append(&batch).unwrap(), 1..13);
         // 12 records, cap 10: telemetry 1 and 5 go.
-        let left = seqs(&o.read_after(0, 100, BIG).unwrap());
+        let left = seqs_after(&o, 0, 100);
         assert_eq!(left, vec![2, 3, 4, 6, 7, 8, 9, 10, 11, 12]);
 
         // Three drift records: the last telemetry (8, 11), then the oldest drift (3).
         assert_eq!(o.append(&[(D, p()), (D, p()), (D, p())]).unwrap(), 13..16);
-        let left = seqs(&o.read_after(0, 100, BIG).unwrap());
+        let left = seqs_after(&o, 0, 100);
         assert_eq!(left, vec![2, 4, 6, 7, 9, 10, 12, 13, 14, 15]);
 
         // Six events: all five drift records, then the oldest of health and events (event 2).
         let events: Vec<_> = (0..6).map(|_| (E, p())).collect();
         assert_eq!(o.append(&events).unwrap(), 16..22);
-        let left = seqs(&o.read_after(0, 100, BIG).unwrap());
+        let left = seqs_after(&o, 0, 100);
         assert_eq!(left, vec![4, 7, 10, 12, 16, 17, 18, 19, 20, 21]);
 
         // One telemetry record: it is the lowest class, so it is the one dropped.
         assert_eq!(o.append(&[(T, p())]).unwrap(), 22..23);
-        let left2 = seqs(&o.read_after(0, 100, BIG).unwrap());
+        let left2 = seqs_after(&o, 0, 100);
         assert_eq!(left2, left);
 
         // One more event: the oldest of health/event is health 4.
         assert_eq!(o.append(&[(E, p())]).unwrap(), 23..24);
-        let left = seqs(&o.read_after(0, 100, BIG).unwrap());
+        let left = seqs_after(&o, 0, 100);
         assert_eq!(left, vec![7, 10, 12, 16, 17, 18, 19, 20, 21, 23]);
 
         let check = |s: &OutboxStats| {
-            let t = s.class(T);
-            assert_eq!(
-                (t.produced, t.dropped(DropReason::Cap), t.pending_records),
-                (5, 5, 0)
-            );
-            let d = s.class(D);
-            assert_eq!(
-                (d.produced, d.dropped(DropReason::Cap), d.pending_records),
-                (6, 6, 0)
-            );
-            let h = s.class(H);
-            assert_eq!(
-                (h.produced, h.dropped(DropReason::Cap), h.pending_records),
-                (2, 1, 1)
-            );
-            let e = s.class(E);
-            assert_eq!(
-                (e.produced, e.dropped(DropReason::Cap), e.pending_records),
-                (10, 1, 9)
-            );
+            assert_eq!(cap_counts(s, T), (5, 5, 0));
+            assert_eq!(cap_counts(s, D), (6, 6, 0));
+            assert_eq!(cap_counts(s, H), (2, 1, 1));
+            assert_eq!(cap_counts(s, E), (10, 1, 9));
             for c in &s.classes {
                 assert_eq!(c.acknowledged, 0);
                 assert_eq!(c.dropped(DropReason::Ttl) + c.dropped(DropReason::Io), 0);
@@ -3159,31 +3123,19 @@ mod tests {
         };
         check(&o.stats());
         o.verify().unwrap();
-        drop(o);
-        let o = open(&dir, &cfg);
+        let o = fx.reopen(o);
         check(&o.stats());
         o.verify().unwrap();
     }
 
     #[test]
     fn a_smaller_cap_on_reopen_evicts_right_away() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
-        let o = open(&dir, &OutboxConfig::default());
-        let batch: Vec<_> = (0..100)
-            .map(|_| (Class::Telemetry, vec![0u8; 100]))
-            .collect();
-        o.append(&batch).unwrap();
+        let (fx, o) = Fixture::opened(OutboxConfig::default());
+        o.append(&vec![(Class::Telemetry, vec![0u8; 100]); 100])
+            .unwrap();
         drop(o);
-        let cfg = OutboxConfig {
-            max_bytes: 10 * stored_size(100),
-            ..OutboxConfig::default()
-        };
-        let o = open(&dir, &cfg);
-        assert_eq!(
-            seqs(&o.read_after(0, 1000, BIG).unwrap()),
-            (91..=100).collect::<Vec<_>>()
-        );
+        let o = open(&fx.dir, &capped(10 * stored_size(100)));
+        assert_eq!(seqs_after(&o, 0, 1000), (91..=100).collect::<Vec<_>>());
         assert_eq!(
             o.stats().class(Class::Telemetry).dropped(DropReason::Cap),
             90
@@ -3193,20 +3145,18 @@ mod tests {
 
     #[test]
     fn ttl_drops_old_records_on_append_and_expire() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
-        let cfg = OutboxConfig {
+        let fx = Fixture::with(OutboxConfig {
             ttl_secs: Some(60),
             ..OutboxConfig::default()
-        };
+        });
         let t0 = 1_700_000_000_000;
-        let o = open(&dir, &cfg);
+        let o = fx.open();
         o.append_at(&[rec(Class::Telemetry, "old")], t0).unwrap();
         o.append_at(&[rec(Class::Event, "newer")], t0 + 30_000)
             .unwrap();
         assert_eq!(o.expire(t0 + 59_999).unwrap(), 0);
         assert_eq!(o.expire(t0 + 60_000).unwrap(), 1);
-        assert_eq!(seqs(&o.read_after(0, 10, BIG).unwrap()), vec![2]);
+        assert_eq!(seqs_after(&o, 0, 10), vec![2]);
         // The event expires during the next append.
         o.append_at(&[rec(Class::Drift, "now")], t0 + 90_000)
             .unwrap();
@@ -3219,21 +3169,14 @@ mod tests {
         assert_eq!(s.class(Class::Drift).dropped(DropReason::Ttl), 0);
         assert_eq!(s.class(Class::Drift).pending_records, 1);
         o.verify().unwrap();
-        drop(o);
-        let o = open(&dir, &cfg);
+        let o = fx.reopen(o);
         assert_eq!(o.stats().class(Class::Event).dropped(DropReason::Ttl), 1);
         o.verify().unwrap();
     }
 
     #[test]
     fn counters_survive_reopen_and_balance() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
-        let cfg = OutboxConfig {
-            max_bytes: 200 * stored_size(50),
-            ..OutboxConfig::default()
-        };
-        let o = open(&dir, &cfg);
+        let (fx, o) = Fixture::opened(capped(200 * stored_size(50)));
         for round in 0..20u64 {
             let batch: Vec<_> = (0..37)
                 .map(|i| {
@@ -3250,8 +3193,7 @@ mod tests {
         }
         let before = o.stats();
         o.verify().unwrap();
-        drop(o);
-        let o = open(&dir, &cfg);
+        let o = fx.reopen(o);
         let after = o.stats();
         assert_eq!(after.classes, before.classes);
         assert_eq!(after.last_seq, 740);
@@ -3277,17 +3219,15 @@ mod tests {
     /// Fills an outbox dir, then damages its files with `damage`, and checks that `open`
     /// quarantines it and starts over.
     fn quarantine_case(damage: impl FnOnce(&Path)) {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
-        let o = open(&dir, &OutboxConfig::default());
+        let (fx, o) = Fixture::opened(OutboxConfig::default());
         for _ in 0..20 {
-            let batch: Vec<_> = (0..100).map(|_| (Class::Event, vec![3u8; 200])).collect();
-            o.append(&batch).unwrap();
+            o.append(&vec![(Class::Event, vec![3u8; 200]); 100])
+                .unwrap();
         }
         let old_epoch = o.epoch();
         drop(o);
-        damage(&dir);
-        let (o, q) = Outbox::open(&dir, &OutboxConfig::default()).unwrap();
+        damage(&fx.dir);
+        let (o, q) = Outbox::open(&fx.dir, &fx.cfg).unwrap();
         let q = q.expect("the damaged database is reported as quarantined");
         assert!(q.moved_to.exists(), "{q:?}");
         assert!(
@@ -3305,9 +3245,7 @@ mod tests {
         assert_ne!(epoch, old_epoch);
         assert_eq!(o.append(&[rec(Class::Event, "again")]).unwrap(), 1..2);
         o.verify().unwrap();
-        drop(o);
-        let (o, q) = Outbox::open(&dir, &OutboxConfig::default()).unwrap();
-        assert_eq!(q, None);
+        let o = fx.reopen(o);
         assert_eq!(o.last_seq(), 1);
         assert_eq!(o.epoch(), epoch, "the epoch is stored");
     }
@@ -3358,13 +3296,11 @@ mod tests {
 
     #[test]
     fn a_database_in_use_is_reported_not_quarantined() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
-        let o = open(&dir, &OutboxConfig::default());
+        let (fx, o) = Fixture::opened(OutboxConfig::default());
         o.append(&[rec(Class::Event, "e")]).unwrap();
-        let err = Outbox::open(&dir, &OutboxConfig::default()).unwrap_err();
+        let err = Outbox::open(&fx.dir, &fx.cfg).unwrap_err();
         assert!(matches!(err, OutboxError::Locked { .. }), "{err}");
-        let siblings = std::fs::read_dir(tmp.path()).unwrap().count();
+        let siblings = std::fs::read_dir(fx.tmp.path()).unwrap().count();
         assert_eq!(siblings, 1, "nothing was moved aside");
         assert_eq!(o.read_after(0, 10, BIG).unwrap().len(), 1);
     }
@@ -3453,8 +3389,7 @@ mod tests {
 
     #[test]
     fn appended_records_survive_kill_9() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("outbox");
+        let fx = Fixture::new();
         let exe = std::env::current_exe().unwrap();
         let mut child = std::process::Command::new(exe)
             .args([
@@ -3464,7 +3399,7 @@ mod tests {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env("OUTBOX_CHILD_DIR", &dir)
+            .env("OUTBOX_CHILD_DIR", &fx.dir)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -3484,7 +3419,7 @@ mod tests {
         child.wait().unwrap();
         assert!(through >= 30 * 50);
 
-        let o = open(&dir, &OutboxConfig::default());
+        let o = fx.open();
         o.verify().unwrap();
         let mut next = 0;
         let mut count = 0u64;

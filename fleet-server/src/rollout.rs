@@ -1871,6 +1871,13 @@ mod tests {
         fx_with(Db::open(dir).unwrap(), dir, None)
     }
 
+    /// A fixture on a fresh temporary directory (keep the directory alive).
+    fn fresh() -> (tempfile::TempDir, Fx) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fx(dir.path());
+        (dir, f)
+    }
+
     fn bundle() -> BundleRef {
         BundleRef {
             name: "pdm".into(),
@@ -1900,6 +1907,11 @@ mod tests {
         (0..n).map(|i| format!("dev-{i:05}")).collect()
     }
 
+    /// The devices the directives went to, in order.
+    fn devs(ds: &[Directive]) -> Vec<String> {
+        ds.iter().map(|d| d.device.clone()).collect()
+    }
+
     impl Fx {
         /// Drains what was published, verifying every directive.
         fn take(&self, now: u64) -> Vec<Directive> {
@@ -1913,6 +1925,41 @@ mod tests {
                     d
                 })
                 .collect()
+        }
+        /// Drains what was published, which must be exactly one directive.
+        fn take_one(&self, now: u64) -> Directive {
+            let mut sent = self.take(now);
+            assert_eq!(sent.len(), 1, "{sent:?}");
+            sent.remove(0)
+        }
+        /// Ticks the engine at `now` and checks that nothing was published.
+        fn tick_quiet(&self, now: u64) {
+            self.engine.tick(now).unwrap();
+            let sent = self.take(T0);
+            assert!(sent.is_empty(), "tick at {now} sent {sent:?}");
+        }
+        /// Asks for a rollout of `bundle()` to `devices(n)` as `actor`.
+        fn create_as(
+            &self,
+            actor: &str,
+            spec: RolloutSpec,
+            n: usize,
+            now: u64,
+        ) -> Result<RolloutView, RolloutError> {
+            self.engine.create(spec, bundle(), devices(n), actor, now)
+        }
+        /// Creates a rollout of `bundle()` to `devices(n)` as "ops".
+        fn launch(&self, spec: RolloutSpec, n: usize, now: u64) -> RolloutView {
+            self.create_as("ops", spec, n, now).unwrap()
+        }
+        /// Creates a rollout at `T0` and drains its first wave's directives.
+        fn start(&self, spec: RolloutSpec, n: usize) -> Vec<Directive> {
+            self.launch(spec, n, T0);
+            self.take(T0)
+        }
+        /// Creates a rollout at `T0` and returns the first directive sent (the canary's).
+        fn start_canary(&self, spec: RolloutSpec, n: usize) -> Directive {
+            self.start(spec, n).remove(0)
         }
         fn reply(&self, dev: &str, id: &str, ok: bool, error: Option<&str>, now: u64) {
             self.engine
@@ -1928,26 +1975,54 @@ mod tests {
                 )
                 .unwrap();
         }
+        /// The device accepts the directive.
+        fn accept(&self, d: &Directive, now: u64) {
+            self.reply(&d.device, &d.id, true, None, now);
+        }
+        /// The device refuses the directive with `error`.
+        fn refuse(&self, d: &Directive, error: &str, now: u64) {
+            self.reply(&d.device, &d.id, false, Some(error), now);
+        }
         fn event(&self, dev: &str, name: &str, detail: Value, now: u64) {
             self.engine
                 .on_event(dev, name, "pdm", &detail, now)
                 .unwrap();
         }
+        /// The device reports release 7 activated for the directive (not committed yet).
+        fn activated(&self, d: &Directive, now: u64) {
+            self.event(
+                &d.device,
+                "activated",
+                serde_json::json!({"release": 7, "directive": d.id}),
+                now,
+            );
+        }
+        fn committed(&self, dev: &str, now: u64) {
+            self.event(dev, "committed", serde_json::json!({"release": 7}), now);
+        }
+        /// The device reports it went back from release 7 to 6.
+        fn rolled_back(&self, dev: &str, reason: Option<&str>, now: u64) {
+            let mut detail = serde_json::json!({"from": 7, "to": 6});
+            if let Some(r) = reason {
+                detail["reason"] = r.into();
+            }
+            self.event(dev, "rolled_back", detail, now);
+        }
+        /// The device accepts a rollback directive and rolls back.
+        fn complete_rollback(&self, d: &Directive, reason: Option<&str>, now: u64) {
+            self.accept(d, now);
+            self.rolled_back(&d.device, reason, now);
+        }
         /// The device accepts, activates and commits.
         fn commit(&self, d: &Directive, now: u64) {
-            self.reply(&d.device, &d.id, true, None, now);
+            self.accept(d, now);
             self.event(
                 &d.device,
                 "activated",
                 serde_json::json!({"release": 7, "replaced": 6, "directive": d.id}),
                 now,
             );
-            self.event(
-                &d.device,
-                "committed",
-                serde_json::json!({"release": 7}),
-                now,
-            );
+            self.committed(&d.device, now);
         }
         fn state(&self, id: &str) -> RolloutView {
             self.engine.get(id).unwrap()
@@ -1997,18 +2072,8 @@ mod tests {
 
     #[test]
     fn canary_failure_halts_with_no_device_outside_the_canary_touched() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = fx(dir.path());
-        let v = f
-            .engine
-            .create(
-                spec(&["1", "50%", "100%"], "95%", "5%", "30m"),
-                bundle(),
-                devices(20),
-                "ops",
-                T0,
-            )
-            .unwrap();
+        let (_dir, f) = fresh();
+        let v = f.launch(spec(&["1", "50%", "100%"], "95%", "5%", "30m"), 20, T0);
         assert_eq!(v.id, "r-1");
         assert_eq!(
             v.waves.iter().map(|w| w.size).collect::<Vec<_>>(),
@@ -2019,7 +2084,7 @@ mod tests {
         let d = &sent[0];
         assert_eq!(d.device, "dev-00000");
         assert!(is_install(d));
-        f.reply(&d.device, &d.id, true, None, T0 + 1);
+        f.accept(d, T0 + 1);
         f.event(
             &d.device,
             "download_started",
@@ -2031,23 +2096,13 @@ mod tests {
             DeviceState::Downloading
         );
         // activated is NOT success: the wave waits for committed
-        f.event(
-            &d.device,
-            "activated",
-            serde_json::json!({"release": 7, "directive": d.id}),
-            T0 + 3,
-        );
+        f.activated(d, T0 + 3);
         let v = f.state("r-1");
         assert_eq!(v.state, RolloutState::Running);
         assert_eq!(v.waves[0].state, WaveState::Running);
         assert_eq!(v.devices["dev-00000"].state, DeviceState::Activated);
         // the model fails its health window on the device
-        f.event(
-            &d.device,
-            "rolled_back",
-            serde_json::json!({"from": 7, "to": 6, "reason": "health check failed"}),
-            T0 + 4,
-        );
+        f.rolled_back(&d.device, Some("health check failed"), T0 + 4);
         let v = f.state("r-1");
         assert_eq!(v.state, RolloutState::Halted);
         assert!(
@@ -2071,27 +2126,16 @@ mod tests {
         }
         assert_eq!(f.alerts.queued(), 1);
         // nothing more is ever sent: the canary already rolled itself back
-        f.engine.tick(T0 + 3 * 3600 * 1000).unwrap();
-        assert!(f.take(T0).is_empty());
+        f.tick_quiet(T0 + 3 * 3600 * 1000);
     }
 
     #[test]
     fn a_failed_canary_wave_rolls_back_its_committed_devices() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = fx(dir.path());
-        f.engine
-            .create(
-                spec(&["3", "100%"], "100%", "0%", "30m"),
-                bundle(),
-                devices(10),
-                "ops",
-                T0,
-            )
-            .unwrap();
-        let sent = f.take(T0);
+        let (_dir, f) = fresh();
+        let sent = f.start(spec(&["3", "100%"], "100%", "0%", "30m"), 10);
         assert_eq!(sent.len(), 3);
         f.commit(&sent[0], T0 + 1);
-        f.reply(&sent[1].device, &sent[1].id, true, None, T0 + 1);
+        f.accept(&sent[1], T0 + 1);
         f.event(
             &sent[1].device,
             "install_rejected",
@@ -2104,31 +2148,18 @@ mod tests {
             v.devices[&sent[1].device].reason.as_deref(),
             Some("install rejected: signature")
         );
-        let rb = f.take(T0 + 2);
-        assert_eq!(rb.len(), 1, "{rb:?}");
-        assert_eq!(rb[0].device, sent[0].device);
-        assert!(is_rollback(&rb[0]));
+        let rb = f.take_one(T0 + 2);
+        assert_eq!(rb.device, sent[0].device);
+        assert!(is_rollback(&rb));
         // the third canary device activates late: it is rolled back too
-        f.reply(&sent[2].device, &sent[2].id, true, None, T0 + 3);
-        f.event(
-            &sent[2].device,
-            "activated",
-            serde_json::json!({"release": 7, "directive": sent[2].id}),
-            T0 + 4,
-        );
-        let late = f.take(T0 + 4);
-        assert_eq!(late.len(), 1);
-        assert_eq!(late[0].device, sent[2].device);
-        assert!(is_rollback(&late[0]));
+        f.accept(&sent[2], T0 + 3);
+        f.activated(&sent[2], T0 + 4);
+        let late = f.take_one(T0 + 4);
+        assert_eq!(late.device, sent[2].device);
+        assert!(is_rollback(&late));
         // rollbacks complete
-        for d in rb.iter().chain(&late) {
-            f.reply(&d.device, &d.id, true, None, T0 + 5);
-            f.event(
-                &d.device,
-                "rolled_back",
-                serde_json::json!({"from": 7, "to": 6, "reason": "fleet"}),
-                T0 + 5,
-            );
+        for d in [&rb, &late] {
+            f.complete_rollback(d, Some("fleet"), T0 + 5);
         }
         let v = f.state("r-1");
         assert_eq!(v.devices[&sent[0].device].state, DeviceState::RolledBack);
@@ -2144,29 +2175,16 @@ mod tests {
 
     #[test]
     fn a_silent_canary_fails_at_its_deadline() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = fx(dir.path());
-        f.engine
-            .create(
-                spec(&["1", "100%"], "100%", "0%", "10m"),
-                bundle(),
-                devices(5),
-                "ops",
-                T0,
-            )
-            .unwrap();
-        let d = f.take(T0).remove(0);
+        let (_dir, f) = fresh();
+        let d = f.start_canary(spec(&["1", "100%"], "100%", "0%", "10m"), 5);
         // no reply at all: re-sent after 30 s with a fresh counter, same id
-        f.engine.tick(T0 + 29_000).unwrap();
-        assert!(f.take(T0).is_empty());
+        f.tick_quiet(T0 + 29_000);
         f.engine.tick(T0 + 30_000).unwrap();
-        let again = f.take(T0 + 30_000);
-        assert_eq!(again.len(), 1);
-        assert_eq!(again[0].id, d.id);
-        assert!(again[0].counter > d.counter);
-        f.reply(&d.device, &d.id, true, None, T0 + 31_000);
-        f.engine.tick(T0 + 10 * MIN - 1).unwrap();
-        assert!(f.take(T0).is_empty());
+        let again = f.take_one(T0 + 30_000);
+        assert_eq!(again.id, d.id);
+        assert!(again.counter > d.counter);
+        f.accept(&d, T0 + 31_000);
+        f.tick_quiet(T0 + 10 * MIN - 1);
         assert_eq!(f.state("r-1").state, RolloutState::Running);
         f.engine.tick(T0 + 10 * MIN).unwrap();
         let v = f.state("r-1");
@@ -2182,29 +2200,13 @@ mod tests {
 
     #[test]
     fn thresholds_with_several_devices() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = fx(dir.path());
-        f.engine
-            .create(
-                spec(&["10", "100%"], "80%", "20%", "30m"),
-                bundle(),
-                devices(20),
-                "ops",
-                T0,
-            )
-            .unwrap();
-        let w0 = f.take(T0);
+        let (_dir, f) = fresh();
+        let w0 = f.start(spec(&["10", "100%"], "80%", "20%", "30m"), 20);
         assert_eq!(w0.len(), 10);
         for d in &w0[..8] {
             f.commit(d, T0 + 1);
         }
-        f.reply(
-            &w0[8].device,
-            &w0[8].id,
-            false,
-            Some("bundle too large"),
-            T0 + 2,
-        );
+        f.refuse(&w0[8], "bundle too large", T0 + 2);
         assert_eq!(f.state("r-1").waves[0].state, WaveState::Running);
         assert!(f.take(T0).is_empty());
         f.event(
@@ -2219,49 +2221,28 @@ mod tests {
         assert_eq!((v.waves[0].succeeded, v.waves[0].failed), (8, 2));
         assert_eq!(v.current_wave, 1);
         let w1 = f.take(T0 + 3);
-        assert_eq!(
-            w1.iter().map(|d| d.device.clone()).collect::<Vec<_>>(),
-            devices(20)[10..].to_vec()
-        );
+        assert_eq!(devs(&w1), devices(20)[10..].to_vec());
         f.commit(&w1[0], T0 + 4);
         f.commit(&w1[1], T0 + 4);
-        f.reply(&w1[2].device, &w1[2].id, true, None, T0 + 4);
-        f.event(
-            &w1[2].device,
-            "activated",
-            serde_json::json!({"release": 7, "directive": w1[2].id}),
-            T0 + 4,
-        );
+        f.accept(&w1[2], T0 + 4);
+        f.activated(&w1[2], T0 + 4);
         for d in &w1[3..5] {
-            f.reply(&d.device, &d.id, false, Some("no space"), T0 + 5);
+            f.refuse(d, "no space", T0 + 5);
         }
         assert_eq!(f.state("r-1").state, RolloutState::Running);
-        f.reply(&w1[5].device, &w1[5].id, false, Some("no space"), T0 + 5);
+        f.refuse(&w1[5], "no space", T0 + 5);
         // 3 failures > 20% of 10: halted at once, wave 1's activated/committed rolled back
         let v = f.state("r-1");
         assert_eq!(v.state, RolloutState::Halted);
         assert_eq!(v.waves[1].state, WaveState::Failed);
         assert_eq!(v.waves[1].in_progress, 5);
         let rb = f.take(T0 + 5);
-        assert_eq!(
-            rb.iter().map(|d| d.device.clone()).collect::<Vec<_>>(),
-            vec![
-                w1[0].device.clone(),
-                w1[1].device.clone(),
-                w1[2].device.clone()
-            ]
-        );
+        assert_eq!(devs(&rb), devs(&w1[..3]));
         assert!(rb.iter().all(is_rollback));
         // wave 0 (promoted) is left alone
         assert_eq!(v.devices[&w0[0].device].state, DeviceState::Committed);
         // a rollback the device refuses is recorded
-        f.reply(
-            &rb[2].device,
-            &rb[2].id,
-            false,
-            Some("no previous version"),
-            T0 + 6,
-        );
+        f.refuse(&rb[2], "no previous version", T0 + 6);
         assert_eq!(
             f.state("r-1").devices[&rb[2].device].reason.as_deref(),
             Some("rollback refused by the device: no previous version")
@@ -2270,32 +2251,15 @@ mod tests {
 
     #[test]
     fn pause_resume_abort_and_rollback() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = fx(dir.path());
-        f.engine
-            .create(
-                spec(&["1", "100%"], "100%", "0%", "10m"),
-                bundle(),
-                devices(4),
-                "ops",
-                T0,
-            )
-            .unwrap();
-        let canary = f.take(T0).remove(0);
+        let (_dir, f) = fresh();
+        let canary = f.start_canary(spec(&["1", "100%"], "100%", "0%", "10m"), 4);
         f.engine.pause("r-1", "ops", T0 + 1).unwrap();
         let e = f.engine.pause("r-1", "ops", T0 + 1).unwrap_err();
         assert_eq!(e.status_class(), ErrorClass::Conflict);
         assert_eq!(e.to_string(), "rollout r-1 is paused: cannot pause it");
         // a second rollout of the model is refused while this one is paused
         let e = f
-            .engine
-            .create(
-                spec(&["100%"], "1", "0", "1m"),
-                bundle(),
-                devices(2),
-                "x",
-                T0,
-            )
+            .create_as("x", spec(&["100%"], "1", "0", "1m"), 2, T0)
             .unwrap_err();
         assert_eq!(e.status_class(), ErrorClass::Conflict);
         f.commit(&canary, T0 + 2);
@@ -2315,12 +2279,12 @@ mod tests {
         let v = f.engine.rollback("r-1", "ops", T0 + 22 * MIN).unwrap();
         assert_eq!(v.state, RolloutState::RolledBack);
         let rb = f.take(T0 + 22 * MIN);
-        let mut rb_devs: Vec<_> = rb.iter().map(|d| d.device.clone()).collect();
+        let mut rb_devs = devs(&rb);
         rb_devs.sort();
         assert_eq!(rb_devs, vec![canary.device.clone(), w1[0].device.clone()]);
         assert!(rb.iter().all(is_rollback));
         for d in &rb {
-            f.reply(&d.device, &d.id, true, None, T0 + 22 * MIN);
+            f.accept(d, T0 + 22 * MIN);
         }
         for (st, what) in [("resume", 0), ("rollback", 1), ("abort", 2)] {
             let e = match what {
@@ -2337,16 +2301,7 @@ mod tests {
         );
 
         // abort: everything stops, no re-send and no rollback
-        let v = f
-            .engine
-            .create(
-                spec(&["2", "100%"], "100%", "0%", "10m"),
-                bundle(),
-                devices(4),
-                "ops",
-                T0 + 30 * MIN,
-            )
-            .unwrap();
+        let v = f.launch(spec(&["2", "100%"], "100%", "0%", "10m"), 4, T0 + 30 * MIN);
         assert_eq!(v.id, "r-2");
         let w0 = f.take(T0 + 30 * MIN);
         assert_eq!(w0.len(), 2);
@@ -2374,23 +2329,11 @@ mod tests {
 
     #[test]
     fn a_replay_reply_means_accepted() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = fx(dir.path());
-        f.engine
-            .create(
-                spec(&["100%"], "100%", "0%", "10m"),
-                bundle(),
-                devices(2),
-                "ops",
-                T0,
-            )
-            .unwrap();
-        let s = f.take(T0);
-        f.reply(
-            &s[0].device,
-            &s[0].id,
-            false,
-            Some("directive refused: directive counter 5 is not above the last accepted counter 9 (replayed or out of order)"),
+        let (_dir, f) = fresh();
+        let s = f.start(spec(&["100%"], "100%", "0%", "10m"), 2);
+        f.refuse(
+            &s[0],
+            "directive refused: directive counter 5 is not above the last accepted counter 9 (replayed or out of order)",
             T0 + 1,
         );
         let v = f.state("r-1");
@@ -2402,12 +2345,7 @@ mod tests {
             f.state("r-1").devices[&s[1].device].state,
             DeviceState::Sent
         );
-        f.event(
-            &s[0].device,
-            "committed",
-            serde_json::json!({"release": 7}),
-            T0 + 2,
-        );
+        f.committed(&s[0].device, T0 + 2);
         f.commit(&s[1], T0 + 2);
         assert_eq!(f.state("r-1").state, RolloutState::Completed);
     }
@@ -2428,49 +2366,30 @@ mod tests {
         });
         let mut f = fx_with(Db::open(dir.path()).unwrap(), dir.path(), Some(p));
         f.sent = sent;
-        f.engine
-            .create(
-                spec(&["100%"], "100%", "0%", "1h"),
-                bundle(),
-                devices(3),
-                "ops",
-                T0,
-            )
-            .unwrap();
-        let first = f.take(T0);
+        let first = f.start(spec(&["100%"], "100%", "0%", "1h"), 3);
         assert_eq!(first.len(), 2);
         for d in &first {
-            f.reply(&d.device, &d.id, true, None, T0 + 1);
+            f.accept(d, T0 + 1);
         }
         assert_eq!(f.state("r-1").devices["dev-00001"].state, DeviceState::Sent);
-        f.engine.tick(T0 + 10_000).unwrap();
-        assert!(f.take(T0).is_empty());
+        f.tick_quiet(T0 + 10_000);
         offline.lock().unwrap().clear();
         f.engine.on_device_online("dev-00001", T0 + 20_000).unwrap();
-        let got = f.take(T0 + 20_000);
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].device, "dev-00001");
-        assert_eq!(got[0].id, "r-1.1.i");
-        assert!(is_install(&got[0]));
+        let got = f.take_one(T0 + 20_000);
+        assert_eq!(got.device, "dev-00001");
+        assert_eq!(got.id, "r-1.1.i");
+        assert!(is_install(&got));
         // still unanswered: re-sent 30 s after the last send, not before
-        f.engine.tick(T0 + 49_999).unwrap();
-        assert!(f.take(T0).is_empty());
+        f.tick_quiet(T0 + 49_999);
         f.engine.tick(T0 + 50_000).unwrap();
-        let again = f.take(T0 + 50_000);
-        assert_eq!(again.len(), 1);
-        assert!(again[0].counter > got[0].counter);
-        f.commit(&again[0], T0 + 60_000);
+        let again = f.take_one(T0 + 50_000);
+        assert!(again.counter > got.counter);
+        f.commit(&again, T0 + 60_000);
         for d in &first {
-            f.event(
-                &d.device,
-                "committed",
-                serde_json::json!({"release": 7}),
-                T0 + 61_000,
-            );
+            f.committed(&d.device, T0 + 61_000);
         }
         assert_eq!(f.state("r-1").state, RolloutState::Completed);
-        f.engine.tick(T0 + 10 * MIN).unwrap();
-        assert!(f.take(T0).is_empty());
+        f.tick_quiet(T0 + 10 * MIN);
     }
 
     #[test]
@@ -2478,23 +2397,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (before, w1, last_counter) = {
             let f = fx(dir.path());
-            f.engine
-                .create(
-                    spec(&["1", "100%"], "100%", "10%", "30m"),
-                    bundle(),
-                    devices(10),
-                    "ops",
-                    T0,
-                )
-                .unwrap();
-            let canary = f.take(T0).remove(0);
+            let canary = f.start_canary(spec(&["1", "100%"], "100%", "10%", "30m"), 10);
             f.commit(&canary, T0 + MIN);
             let w1 = f.take(T0 + MIN);
             assert_eq!(w1.len(), 9);
             for d in &w1[..3] {
                 f.commit(d, T0 + 2 * MIN);
             }
-            f.reply(&w1[3].device, &w1[3].id, true, None, T0 + 2 * MIN);
+            f.accept(&w1[3], T0 + 2 * MIN);
             let c = w1.iter().map(|d| d.counter).max().unwrap();
             (f.state("r-1"), w1, c)
         }; // engine, db and issuer dropped: as after kill -9 (every write was flushed)
@@ -2517,14 +2427,7 @@ mod tests {
         assert_eq!(v.waves[1].succeeded, 9);
         // the next rollout id continues
         let v = f
-            .engine
-            .create(
-                spec(&["100%"], "1", "0", "1m"),
-                bundle(),
-                devices(1),
-                "o",
-                T0 + 5 * MIN,
-            )
+            .create_as("o", spec(&["100%"], "1", "0", "1m"), 1, T0 + 5 * MIN)
             .unwrap();
         assert_eq!(v.id, "r-2");
         // a deadline that passed while the server was down applies on the first tick
@@ -2549,18 +2452,8 @@ mod tests {
 
     #[test]
     fn fleet_rollback_aborts_the_models_rollout_and_tracks_devices() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = fx(dir.path());
-        f.engine
-            .create(
-                spec(&["100%"], "1", "0", "1h"),
-                bundle(),
-                devices(3),
-                "ops",
-                T0,
-            )
-            .unwrap();
-        f.take(T0);
+        let (_dir, f) = fresh();
+        f.start(spec(&["100%"], "1", "0", "1h"), 3);
         let r = f
             .engine
             .fleet_rollback("pdm", devices(2), "bad\nmodel", "ops", T0 + 1)
@@ -2571,25 +2464,13 @@ mod tests {
         let rb = f.take(T0 + 1);
         assert_eq!(rb.len(), 2);
         assert!(matches!(&rb[0].action, Action::Rollback { reason, .. } if reason == "bad model"));
-        f.reply(&rb[0].device, &rb[0].id, true, None, T0 + 2);
-        f.event(
-            &rb[0].device,
-            "rolled_back",
-            serde_json::json!({"from": 7, "to": 6}),
-            T0 + 2,
-        );
-        f.reply(
-            &rb[1].device,
-            &rb[1].id,
-            false,
-            Some("no previous version"),
-            T0 + 2,
-        );
+        f.complete_rollback(&rb[0], None, T0 + 2);
+        f.refuse(&rb[1], "no previous version", T0 + 2);
         // fleet rollbacks are not rollouts
         assert_eq!(f.engine.list().unwrap().len(), 1);
         assert!(f.engine.get(&r.id).is_err());
-        f.engine.tick(T0 + MIN).unwrap();
-        assert!(f.take(T0).is_empty(), "answered rollbacks are not re-sent");
+        // answered rollbacks are not re-sent
+        f.tick_quiet(T0 + MIN);
         let none = f
             .engine
             .fleet_rollback("other", vec![], "x", "ops", T0)
@@ -2607,15 +2488,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = fx_with(Db::temporary().unwrap(), dir.path(), None);
         let started = std::time::Instant::now();
-        f.engine
-            .create(
-                spec(&["1%", "10%", "100%"], "95%", "5%", "30m"),
-                bundle(),
-                devices(10_000),
-                "ops",
-                T0,
-            )
-            .unwrap();
+        f.launch(spec(&["1%", "10%", "100%"], "95%", "5%", "30m"), 10_000, T0);
         let mut now = T0;
         let mut waves = 0;
         loop {

@@ -236,18 +236,24 @@ pub fn build_bundle(dir: &Path, model: &Path, name: &str, release: &str, out: &s
     );
 }
 
-/// Whether Mosquitto is installed; when it is not, prints `SKIPPED <what>: ...` and returns
-/// false, unless `E2E_REQUIRE_TOOLS` is set (then it fails).
-pub fn mosquitto_or_skip(what: &str) -> bool {
-    if Command::new("mosquitto").arg("-h").output().is_ok() {
+/// Whether `program` runs (`program PROBE`); when it does not, prints `SKIPPED <what>:
+/// <program> not installed` and returns false, unless `E2E_REQUIRE_TOOLS` is set (then it
+/// fails: `.ci/run` installs the tools and sets it).
+pub fn tool_or_skip(program: &str, probe: &str, what: &str) -> bool {
+    if Command::new(program).arg(probe).output().is_ok() {
         return true;
     }
     assert!(
         std::env::var_os("E2E_REQUIRE_TOOLS").is_none(),
-        "mosquitto is required (E2E_REQUIRE_TOOLS is set)"
+        "{program} is required (E2E_REQUIRE_TOOLS is set)"
     );
-    eprintln!("SKIPPED {what}: mosquitto not installed");
+    eprintln!("SKIPPED {what}: {program} not installed");
     false
+}
+
+/// [`tool_or_skip`] for Mosquitto.
+pub fn mosquitto_or_skip(what: &str) -> bool {
+    tool_or_skip("mosquitto", "-h", what)
 }
 
 /// A real Mosquitto broker on a fixed loopback port with a generated config file; it can be
@@ -365,12 +371,11 @@ pub fn install_example_agent(d: &Path) {
 /// is set (then it fails).
 pub fn promtool_check_metrics(what: &str, text: &str) {
     use std::io::Write;
-    if Command::new("promtool").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("E2E_REQUIRE_TOOLS").is_none(),
-            "promtool is required (E2E_REQUIRE_TOOLS is set)"
-        );
-        eprintln!("SKIPPED promtool check metrics ({what}): promtool not installed");
+    if !tool_or_skip(
+        "promtool",
+        "--version",
+        &format!("promtool check metrics ({what})"),
+    ) {
         return;
     }
     let mut child = Command::new("promtool")

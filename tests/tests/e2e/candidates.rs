@@ -2,17 +2,26 @@
 //! promtool.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use e2e_tests::{
-    bin, build_bundle, free_port, http, pdm, run_ok, scratch, wait_until, ChildGuard,
-    PDM_FEATURES as PDM,
-};
+use e2e_tests::{build_bundle, http, pdm, run_ok, scratch, wait_until, PDM_FEATURES as PDM};
 use serde_json::{json, Value};
+
+use crate::http::{holdout_rows, instance, Agent};
+use crate::service::install_bundle;
 
 fn run(dir: &Path, program: &str, args: &[&str]) -> String {
     run_ok(dir, program, args)
+}
+
+/// `edge-agent status --json` on `dir/state`.
+fn status(dir: &Path) -> Value {
+    serde_json::from_str(&run(
+        dir,
+        "edge-agent",
+        &["status", "--json", "--state-dir", "state"],
+    ))
+    .unwrap()
 }
 
 fn bundle(dir: &Path, model: &Path, release: &str, out: &str) {
@@ -41,59 +50,10 @@ fn shadow_split_promote_and_metrics() {
     bundle(d, &model, "1", "r1.bundle");
     bundle(d, &model, "2", "r2.bundle");
     bundle(d, &d.join("scale.onnx"), "3", "r3.bundle");
-    run(
-        d,
-        "edge-agent",
-        &[
-            "bundle",
-            "install",
-            "r1.bundle",
-            "--state-dir",
-            "state",
-            "--trust-root",
-            "root.pub",
-        ],
-    );
-    let port = free_port();
-    let _agent = ChildGuard(
-        Command::new(bin("edge-agent"))
-            .current_dir(d)
-            .args([
-                "run",
-                "--state-dir",
-                "state",
-                "--trust-root",
-                "root.pub",
-                "--http-listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    assert!(wait_until(Duration::from_secs(20), || http(
-        port,
-        "GET",
-        "/v2/health/ready",
-        &[],
-        b""
-    )
-    .is_ok_and(|r| r.0 == 200)));
-    let holdout = std::fs::read_to_string(pdm().join("holdout.csv")).unwrap();
-    let rows: Vec<Value> = holdout
-        .lines()
-        .skip(1)
-        .take(50)
-        .map(|l| {
-            let v: Vec<f64> = l.split(',').take(6).map(|x| x.parse().unwrap()).collect();
-            Value::Object(
-                PDM.iter()
-                    .zip(v)
-                    .map(|(k, x)| (k.to_string(), json!(x)))
-                    .collect(),
-            )
-        })
-        .collect();
+    install_bundle(d, "r1.bundle");
+    let agent = Agent::start(d, None);
+    let port = agent.port;
+    let rows: Vec<Value> = holdout_rows(50).iter().map(|r| instance(r)).collect();
     let predict = |row: &Value, key: Option<&str>| -> Value {
         let body = json!({"instances": [row]}).to_string();
         let mut headers = vec![("Content-Type", "application/json")];
@@ -142,12 +102,7 @@ fn shadow_split_promote_and_metrics() {
     }));
     let m = scrape();
     assert_eq!(metric(&m, "edge_agent_shadow_rows_total{model=\"pdm-failure\",release=\"2\",outcome=\"disagreed\"}"), 0.0);
-    let st: Value = serde_json::from_str(&run(
-        d,
-        "edge-agent",
-        &["status", "--json", "--state-dir", "state"],
-    ))
-    .unwrap();
+    let st = status(d);
     assert_eq!(st["models"][0]["candidate"]["mode"], "shadow");
     run(
         d,
@@ -190,12 +145,7 @@ fn shadow_split_promote_and_metrics() {
         &["promote", "pdm-failure", "--state-dir", "state"],
     );
     assert!(out.contains("promoted"), "{out}");
-    let st: Value = serde_json::from_str(&run(
-        d,
-        "edge-agent",
-        &["status", "--json", "--state-dir", "state"],
-    ))
-    .unwrap();
+    let st = status(d);
     assert_eq!(st["models"][0]["active"]["release"], 3);
     assert_eq!(st["models"][0]["previous"]["release"], 1);
     assert!(st["models"][0]["candidate"].is_null());

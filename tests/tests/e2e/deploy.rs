@@ -9,22 +9,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use e2e_tests::{bin, root, scratch};
+use e2e_tests::{bin, root, scratch, tool_or_skip};
 use serde_json::Value;
-
-/// Whether `tool` is installed; else prints `SKIPPED <what>: <tool> not installed` and
-/// returns false (a failure when `E2E_REQUIRE_TOOLS` is set).
-fn have_tool(tool: &str, what: &str) -> bool {
-    if Command::new(tool).arg("--version").output().is_ok() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("E2E_REQUIRE_TOOLS").is_none(),
-        "{tool} is required (E2E_REQUIRE_TOOLS is set)"
-    );
-    eprintln!("SKIPPED {what}: {tool} not installed");
-    false
-}
 
 fn text(out: &Output) -> String {
     format!(
@@ -80,8 +66,9 @@ fn fleet_server_unit_passes_systemd_analyze_verify() {
     // the example config keeps its state where the unit's StateDirectory is
     assert!(read("fleet-server.toml").contains("state_dir = \"/var/lib/fleet-server\""));
 
-    if !have_tool(
+    if !tool_or_skip(
         "systemd-analyze",
+        "--version",
         "fleet_server_unit_passes_systemd_analyze_verify",
     ) {
         return;
@@ -209,8 +196,9 @@ fn alert_rules_cover_the_issue_and_each_has_firing_and_quiet_tests() {
 
 #[test]
 fn prometheus_config_and_alert_rules_pass_promtool() {
-    if !have_tool(
+    if !tool_or_skip(
         "promtool",
+        "--version",
         "prometheus_config_and_alert_rules_pass_promtool",
     ) {
         return;

@@ -8,42 +8,26 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use e2e_tests::{bin, free_port, pdm, scratch, wait_until, ChildGuard};
+use e2e_tests::{
+    bin, free_port, pdm, run_ok, scratch, wait_until, ChildGuard, PDM_FEATURES as FEATURES,
+};
 use serde_json::{json, Value};
 use sha2::Digest;
+
+use crate::service::{agent_run, assert_config_refused, install_bundle};
 
 const MODEL: &str = "pdm-failure";
 const PREDICT: &str = "/v1/models/pdm-failure:predict";
 const INFER: &str = "/v2/models/pdm-failure/infer";
-const FEATURES: [&str; 6] = [
-    "air_temperature_k",
-    "process_temperature_k",
-    "rotational_speed_rpm",
-    "torque_nm",
-    "tool_wear_min",
-    "vibration_rms_mm_s",
-];
 
-fn fleetctl(dir: &Path, args: &[&str]) {
-    let out = Command::new(bin("fleetctl"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fleetctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A key pair, a signed bundle of the example model (release 1, version 1.1.0) installed in
+/// A key pair, a signed bundle of the example model (release 1, `version`) installed in
 /// `dir/state`.
-fn install_example(dir: &Path) {
-    fleetctl(dir, &["keygen", "--out", "root"]);
+pub(crate) fn install_example(dir: &Path, version: &str) {
+    run_ok(dir, "fleetctl", &["keygen", "--out", "root"]);
     let (model, reference) = (pdm().join("model.onnx"), pdm().join("reference.csv"));
-    fleetctl(
+    run_ok(
         dir,
+        "fleetctl",
         &[
             "bundle",
             "build",
@@ -52,7 +36,7 @@ fn install_example(dir: &Path) {
             "--name",
             MODEL,
             "--version",
-            "1.1.0",
+            version,
             "--release",
             "1",
             "--key",
@@ -63,50 +47,24 @@ fn install_example(dir: &Path) {
             "b1.bundle",
         ],
     );
-    let out = Command::new(bin("edge-agent"))
-        .current_dir(dir)
-        .args([
-            "bundle",
-            "install",
-            "b1.bundle",
-            "--state-dir",
-            "state",
-            "--trust-root",
-            "root.pub",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    install_bundle(dir, "b1.bundle");
 }
 
 /// A running `edge-agent run` (killed when dropped) and its port.
-struct Agent {
+pub(crate) struct Agent {
     child: ChildGuard,
-    port: u16,
+    pub(crate) port: u16,
     log: std::path::PathBuf,
 }
 
 impl Agent {
     /// Starts the agent on a free port (retrying if another process took it) and waits until
     /// `/v2/health/ready` answers 200.
-    fn start(dir: &Path, config: Option<&str>) -> Agent {
+    pub(crate) fn start(dir: &Path, config: Option<&str>) -> Agent {
         let log = dir.join("agent.log");
         for _ in 0..5 {
             let port = free_port();
-            let mut cmd = Command::new(bin("edge-agent"));
-            cmd.current_dir(dir).args([
-                "run",
-                "--state-dir",
-                "state",
-                "--trust-root",
-                "root.pub",
-                "--http-listen",
-                &format!("127.0.0.1:{port}"),
-            ]);
+            let mut cmd = agent_run(dir, port);
             if let Some(c) = config {
                 std::fs::write(dir.join("agent.toml"), c).unwrap();
                 cmd.args(["--config", "agent.toml"]);
@@ -277,7 +235,7 @@ fn read_response(s: &mut TcpStream) -> std::io::Result<Resp> {
 }
 
 /// The first `n` rows of the example's holdout set, features only.
-fn holdout_rows(n: usize) -> Vec<Vec<f64>> {
+pub(crate) fn holdout_rows(n: usize) -> Vec<Vec<f64>> {
     let text = std::fs::read_to_string(pdm().join("holdout.csv")).unwrap();
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
@@ -288,7 +246,8 @@ fn holdout_rows(n: usize) -> Vec<Vec<f64>> {
         .collect()
 }
 
-fn instance(row: &[f64]) -> Value {
+/// A holdout row as an instance: feature name -> value.
+pub(crate) fn instance(row: &[f64]) -> Value {
     Value::Object(
         FEATURES
             .iter()
@@ -331,7 +290,7 @@ fn f32s(v: &Value) -> Vec<f32> {
 fn predict_matches_batch_scoring_and_refuses_bad_requests_by_row_and_field() {
     let tmp = scratch();
     let d = tmp.path();
-    install_example(d);
+    install_example(d, "1.1.0");
     let agent = Agent::start(
         d,
         Some("device_id = \"line3-box1\"\n[http]\nmax_body_bytes = 65536\n"),
@@ -534,7 +493,7 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
 fn open_inference_protocol_metadata_and_infer_match_predict() {
     let tmp = scratch();
     let d = tmp.path();
-    install_example(d);
+    install_example(d, "1.1.0");
     let agent = Agent::start(d, None);
     let get = |path: &str| agent.json("GET", path, &Value::Null, None);
 
@@ -746,7 +705,7 @@ fn open_inference_protocol_metadata_and_infer_match_predict() {
 fn bearer_tokens_with_scopes_guard_everything_but_health() {
     let tmp = scratch();
     let d = tmp.path();
-    install_example(d);
+    install_example(d, "1.1.0");
     let hash = |t: &str| shared::trust::hex(&sha2::Sha256::digest(t.as_bytes()));
     let config = format!(
         "[[http.tokens]]\nname = \"scada\"\nsha256 = \"{}\"\nscopes = [\"predict\"]\n\n\
@@ -844,18 +803,12 @@ fn bearer_tokens_with_scopes_guard_everything_but_health() {
         200
     );
     // an invalid token list keeps the agent from starting
-    std::fs::write(
-        d.join("bad.toml"),
+    assert_config_refused(
+        d,
+        "bad.toml",
         "[[http.tokens]]\nname = \"x\"\nsha256 = \"predict-token-1\"\nscopes = [\"predict\"]\n",
-    )
-    .unwrap();
-    let out = Command::new(bin("edge-agent"))
-        .current_dir(d)
-        .args(["validate-config", "bad.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("http.tokens[0]: sha256 must be"));
+        &["http.tokens[0]: sha256 must be"],
+    );
 }
 
 #[cfg(unix)]
@@ -863,7 +816,7 @@ fn bearer_tokens_with_scopes_guard_everything_but_health() {
 fn sigterm_stops_the_http_agent_with_exit_0() {
     let tmp = scratch();
     let d = tmp.path();
-    install_example(d);
+    install_example(d, "1.1.0");
     let mut agent = Agent::start(d, None);
     let body = json!({ "instances": [instance(&holdout_rows(1)[0])] });
     assert_eq!(agent.json("POST", PREDICT, &body, None).0, 200);

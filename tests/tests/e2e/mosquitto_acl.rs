@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use e2e_tests::{
     bin, free_port, install_example_agent, mosquitto_or_skip, predict_example, root, scratch,
-    start_agent, wait_until, ChildGuard,
+    start_agent, tool_or_skip, wait_until, ChildGuard,
 };
 use fleet_server::server::config::Mqtt;
 use rumqttc::{Event, Packet, QoS};
@@ -22,24 +22,10 @@ use serde_json::Value;
 /// Whether mosquitto, its clients and openssl are installed; else `SKIPPED ...` (or a failure
 /// when `E2E_REQUIRE_TOOLS` is set).
 fn tools_or_skip(what: &str) -> bool {
-    if !mosquitto_or_skip(what) {
-        return false;
-    }
-    for (tool, arg) in [
-        ("openssl", "version"),
-        ("mosquitto_pub", "--help"),
-        ("mosquitto_sub", "--help"),
-    ] {
-        if Command::new(tool).arg(arg).output().is_err() {
-            assert!(
-                std::env::var_os("E2E_REQUIRE_TOOLS").is_none(),
-                "{tool} is required (E2E_REQUIRE_TOOLS is set)"
-            );
-            eprintln!("SKIPPED {what}: {tool} not installed");
-            return false;
-        }
-    }
-    true
+    mosquitto_or_skip(what)
+        && tool_or_skip("openssl", "version", what)
+        && tool_or_skip("mosquitto_pub", "--help", what)
+        && tool_or_skip("mosquitto_sub", "--help", what)
 }
 
 /// Mosquitto options that belong to a listener (mosquitto.conf(5), "Listeners").

@@ -1,85 +1,67 @@
 //! Inference over a real Mosquitto broker: named-feature JSON in, predictions out, errors
 //! naming the field; the agent keeps serving when the broker goes away and comes back.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use e2e_tests::{bin, free_port, pdm, scratch, wait_until, ChildGuard};
-use serde_json::Value;
+use e2e_tests::{free_port, mosquitto_or_skip, pdm, scratch, start_agent, tool_or_skip, Mosquitto};
+use serde_json::{json, Value};
+
+use crate::http::{holdout_rows, install_example, instance};
 
 fn tools() -> bool {
-    let mosquitto = Command::new("mosquitto").arg("-h").output().is_ok();
-    if mosquitto && Command::new("mosquitto_pub").arg("--help").output().is_ok() {
-        return true;
+    mosquitto_or_skip("mqtt tests") && tool_or_skip("mosquitto_pub", "--help", "mqtt tests")
+}
+
+/// `mosquitto_sub` on `topic` of the broker at `port`, for `count` messages, giving up after
+/// `wait_secs`; at QoS 1 if `qos1`. Its standard output is piped.
+pub(crate) fn subscribe(port: u16, topic: &str, count: u32, wait_secs: u32, qos1: bool) -> Child {
+    let (port, count, wait) = (port.to_string(), count.to_string(), wait_secs.to_string());
+    let mut args = vec![
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-t",
+        topic,
+        "-C",
+        &count,
+        "-W",
+        &wait,
+    ];
+    if qos1 {
+        args.extend(["-q", "1"]);
     }
-    assert!(
-        std::env::var_os("E2E_REQUIRE_TOOLS").is_none(),
-        "mosquitto and mosquitto-clients are required (E2E_REQUIRE_TOOLS is set)"
-    );
-    eprintln!("SKIPPED mqtt tests: mosquitto or mosquitto_pub not installed");
-    false
-}
-
-fn broker(dir: &Path, port: u16) -> ChildGuard {
-    let conf = dir.join(format!("mosquitto-{port}.conf"));
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-    )
-    .unwrap();
-    let child = ChildGuard(
-        Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mosquitto"),
-    );
-    assert!(wait_until(Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    }));
-    child
-}
-
-/// Publishes `msg` to `input` and returns the first message on `output`.
-fn roundtrip(port: u16, input: &str, output: &str, msg: &str) -> Value {
-    let sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            output,
-            "-C",
-            "1",
-            "-W",
-            "20",
-            "-q",
-            "1",
-        ])
+    Command::new("mosquitto_sub")
+        .args(args)
         .stdout(Stdio::piped())
         .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let st = Command::new("mosquitto_pub")
+        .unwrap()
+}
+
+/// `mosquitto_pub` of `msg` to `topic` of the broker at `port`, at QoS 1.
+pub(crate) fn publish(port: u16, topic: &str, msg: &str) -> std::io::Result<ExitStatus> {
+    Command::new("mosquitto_pub")
         .args([
             "-h",
             "127.0.0.1",
             "-p",
             &port.to_string(),
             "-t",
-            input,
+            topic,
             "-q",
             "1",
             "-m",
             msg,
         ])
         .status()
-        .unwrap();
-    assert!(st.success());
+}
+
+/// Publishes `msg` to `input` and returns the first message on `output`.
+fn roundtrip(port: u16, input: &str, output: &str, msg: &str) -> Value {
+    let sub = subscribe(port, output, 1, 20, true);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(publish(port, input, msg).unwrap().success());
     let out = sub.wait_with_output().unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no reply on {output}: {e}"))
 }
@@ -91,88 +73,26 @@ fn predictions_over_mosquitto() {
     }
     let tmp = scratch();
     let d = tmp.path();
-    let ctl = |args: &[&str]| {
-        let out = Command::new(bin("fleetctl"))
-            .current_dir(d)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    ctl(&["keygen", "--out", "root"]);
-    let (model, reference) = (pdm().join("model.onnx"), pdm().join("reference.csv"));
-    ctl(&[
-        "bundle",
-        "build",
-        "--model",
-        model.to_str().unwrap(),
-        "--name",
-        "pdm-failure",
-        "--version",
-        "1.0.0",
-        "--release",
-        "1",
-        "--key",
-        "root.key",
-        "--reference",
-        reference.to_str().unwrap(),
-        "--out",
-        "b1.bundle",
-    ]);
-    let out = Command::new(bin("edge-agent"))
-        .current_dir(d)
-        .args([
-            "bundle",
-            "install",
-            "b1.bundle",
-            "--state-dir",
-            "state",
-            "--trust-root",
-            "root.pub",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    install_example(d, "1.0.0");
 
     let mport = free_port();
-    let mut mosq = Some(broker(d, mport));
+    let mut mosq = Mosquitto::start_on(d, mport);
+    let http_port = free_port();
     std::fs::write(
         d.join("agent.toml"),
         format!(
-            "state_dir = \"state\"\ntrust_root = \"root.pub\"\n[http]\nlisten = \"127.0.0.1:{}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{mport}\"\nfeedback_topic = \"plant/line3/pdm/feedback\"\n[[mqtt.inference]]\nmodel = \"pdm-failure\"\ninput_topic = \"plant/line3/pdm/in\"\noutput_topic = \"plant/line3/pdm/out\"\nerror_topic = \"plant/line3/pdm/errors\"\n",
-            free_port()
+            "state_dir = \"state\"\ntrust_root = \"root.pub\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{mport}\"\nfeedback_topic = \"plant/line3/pdm/feedback\"\n[[mqtt.inference]]\nmodel = \"pdm-failure\"\ninput_topic = \"plant/line3/pdm/in\"\noutput_topic = \"plant/line3/pdm/out\"\nerror_topic = \"plant/line3/pdm/errors\"\n",
         ),
     )
     .unwrap();
-    let _agent = ChildGuard(
-        Command::new(bin("edge-agent"))
-            .current_dir(d)
-            .args(["run", "--config", "agent.toml"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = start_agent(d, http_port);
+    // ready on HTTP; give it a moment to subscribe on the broker too
     std::thread::sleep(Duration::from_millis(1500));
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(pdm().join("expected.json")).unwrap())
             .unwrap();
-    let holdout = std::fs::read_to_string(pdm().join("holdout.csv")).unwrap();
-    let mut lines = holdout.lines();
-    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    let first: Vec<&str> = lines.next().unwrap().split(',').collect();
-    let mut features = serde_json::Map::new();
-    for (h, v) in header.iter().zip(&first).take(6) {
-        features.insert(h.to_string(), serde_json::json!(v.parse::<f64>().unwrap()));
-    }
-    let msg = serde_json::json!({"id": "m-1", "features": features}).to_string();
+    let features = instance(&holdout_rows(1)[0]);
+    let msg = json!({"id": "m-1", "features": features}).to_string();
     let reply = roundtrip(mport, "plant/line3/pdm/in", "plant/line3/pdm/out", &msg);
     assert_eq!(reply["id"], "m-1");
     assert_eq!(reply["release"], 1);
@@ -196,7 +116,7 @@ fn predictions_over_mosquitto() {
         .as_str()
         .expect("prediction_id")
         .to_string();
-    let truth = serde_json::json!({"prediction_id": id, "label": want["label"]}).to_string();
+    let truth = json!({"prediction_id": id, "label": want["label"]}).to_string();
     let fb = roundtrip(
         mport,
         "plant/line3/pdm/feedback",
@@ -207,53 +127,25 @@ fn predictions_over_mosquitto() {
     assert_eq!(fb["prediction_id"], id.as_str(), "{fb}");
     // a bad field is answered on the error topic, naming it
     let mut bad = features.clone();
-    bad.insert("torque_nm".into(), serde_json::json!("high"));
+    bad["torque_nm"] = json!("high");
     let reply = roundtrip(
         mport,
         "plant/line3/pdm/in",
         "plant/line3/pdm/errors",
-        &serde_json::json!({"id": 2, "features": bad}).to_string(),
+        &json!({"id": 2, "features": bad}).to_string(),
     );
     assert_eq!(reply["id"], 2);
     assert_eq!(reply["field"], "torque_nm");
 
     // the broker goes away and comes back: the agent reconnects and serves again
-    drop(mosq.take());
+    mosq.kill();
     std::thread::sleep(Duration::from_secs(1));
-    mosq = Some(broker(d, mport));
+    mosq.restart();
     let mut ok = false;
     for _ in 0..10 {
-        let sub = Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &mport.to_string(),
-                "-t",
-                "plant/line3/pdm/out",
-                "-C",
-                "1",
-                "-W",
-                "3",
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let sub = subscribe(mport, "plant/line3/pdm/out", 1, 3, false);
         std::thread::sleep(Duration::from_millis(300));
-        let _ = Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &mport.to_string(),
-                "-t",
-                "plant/line3/pdm/in",
-                "-q",
-                "1",
-                "-m",
-                &msg,
-            ])
-            .status();
+        let _ = publish(mport, "plant/line3/pdm/in", &msg);
         let out = sub.wait_with_output().unwrap();
         if serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|v| v["id"] == "m-1") {
             ok = true;

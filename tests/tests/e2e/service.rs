@@ -2,11 +2,68 @@
 //! SIGTERM, the hardened unit file.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use e2e_tests::{bin, build_bundle, free_port, pdm, run_ok, scratch, wait_until, ChildGuard};
+use e2e_tests::{
+    bin, build_bundle, free_port, pdm, run_ok, scratch, tool_or_skip, wait_until, ChildGuard,
+};
 use serde_json::Value;
+
+/// `edge-agent run` in `dir` on the state directory `state` trusting `root.pub`, serving HTTP
+/// on `127.0.0.1:<port>`; not started.
+pub(crate) fn agent_run(dir: &Path, port: u16) -> Command {
+    let mut cmd = Command::new(bin("edge-agent"));
+    cmd.current_dir(dir).args([
+        "run",
+        "--state-dir",
+        "state",
+        "--trust-root",
+        "root.pub",
+        "--http-listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    cmd
+}
+
+/// `edge-agent bundle install <bundle>` into `dir/state` trusting `root.pub`, asserting
+/// success; returns its standard output.
+pub(crate) fn install_bundle(dir: &Path, bundle: &str) -> String {
+    run_ok(
+        dir,
+        "edge-agent",
+        &[
+            "bundle",
+            "install",
+            bundle,
+            "--state-dir",
+            "state",
+            "--trust-root",
+            "root.pub",
+        ],
+    )
+}
+
+/// `edge-agent validate-config <file>` in `dir`.
+fn validate_config(dir: &Path, file: &str) -> Output {
+    Command::new(bin("edge-agent"))
+        .current_dir(dir)
+        .args(["validate-config", file])
+        .output()
+        .unwrap()
+}
+
+/// Writes `text` to `dir/file` and asserts `validate-config` refuses it (exit 64) naming each
+/// of `want` on stderr.
+pub(crate) fn assert_config_refused(dir: &Path, file: &str, text: &str, want: &[&str]) {
+    std::fs::write(dir.join(file), text).unwrap();
+    let out = validate_config(dir, file);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in want {
+        assert!(err.contains(want), "{want} in {err}");
+    }
+}
 
 fn fleetctl(dir: &Path, args: &[&str]) {
     run_ok(dir, "fleetctl", args);
@@ -40,17 +97,7 @@ fn service_notifies_systemd_installs_from_inbox_and_socket_and_stops_on_sigterm(
         .unwrap();
     let port = free_port();
     let mut child = ChildGuard(
-        Command::new(bin("edge-agent"))
-            .current_dir(d)
-            .args([
-                "run",
-                "--state-dir",
-                "state",
-                "--trust-root",
-                "root.pub",
-                "--http-listen",
-                &format!("127.0.0.1:{port}"),
-            ])
+        agent_run(d, port)
             .env("NOTIFY_SOCKET", d.join("notify.sock"))
             .env("WATCHDOG_USEC", "400000")
             .stdout(Stdio::null())
@@ -102,25 +149,8 @@ fn service_notifies_systemd_installs_from_inbox_and_socket_and_stops_on_sigterm(
     );
 
     // `bundle install` hands the file to the running agent over its socket
-    let out = Command::new(bin("edge-agent"))
-        .current_dir(d)
-        .args([
-            "bundle",
-            "install",
-            "b2.bundle",
-            "--state-dir",
-            "state",
-            "--trust-root",
-            "root.pub",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("by the running agent"));
+    let out = install_bundle(d, "b2.bundle");
+    assert!(out.contains("by the running agent"), "{out}");
     assert_eq!(status(d)["models"][0]["active"]["release"], 2);
 
     // SIGTERM: STOPPING=1, exit 0, socket removed (drain the queued watchdog pings first:
@@ -148,29 +178,18 @@ fn service_notifies_systemd_installs_from_inbox_and_socket_and_stops_on_sigterm(
 fn config_validation_and_second_instance() {
     let tmp = scratch();
     let d = tmp.path();
-    std::fs::write(
-        d.join("bad.toml"),
+    assert_config_refused(
+        d,
+        "bad.toml",
         "device_id = \"a b\"\n[http]\nlisten = \"nowhere\"\n[health]\nmax_nan_rate = 2.0\n",
-    )
-    .unwrap();
-    let out = Command::new(bin("edge-agent"))
-        .current_dir(d)
-        .args(["validate-config", "bad.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8_lossy(&out.stderr);
-    for want in ["device_id", "trust_root", "http.listen", "max_nan_rate"] {
-        assert!(err.contains(want), "{want} in {err}");
-    }
-    std::fs::write(d.join("typo.toml"), "stat_dir = \"/x\"\n").unwrap();
-    let out = Command::new(bin("edge-agent"))
-        .current_dir(d)
-        .args(["validate-config", "typo.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `stat_dir`"));
+        &["device_id", "trust_root", "http.listen", "max_nan_rate"],
+    );
+    assert_config_refused(
+        d,
+        "typo.toml",
+        "stat_dir = \"/x\"\n",
+        &["unknown field `stat_dir`"],
+    );
     let out = Command::new(bin("edge-agent"))
         .current_dir(d)
         .args(["run", "--config", "bad.toml"])
@@ -185,11 +204,7 @@ fn config_validation_and_second_instance() {
     let text = String::from_utf8_lossy(&def.stdout).replace("/etc/edge-agent/root.pub", "root.pub");
     std::fs::write(d.join("ok.toml"), text).unwrap();
     fleetctl(d, &["keygen", "--out", "root"]);
-    let out = Command::new(bin("edge-agent"))
-        .current_dir(d)
-        .args(["validate-config", "ok.toml"])
-        .output()
-        .unwrap();
+    let out = validate_config(d, "ok.toml");
     assert!(
         out.status.success(),
         "{}",
@@ -197,56 +212,22 @@ fn config_validation_and_second_instance() {
     );
     // one process per state directory
     let port = free_port();
-    let _first = ChildGuard(
-        Command::new(bin("edge-agent"))
-            .current_dir(d)
-            .args([
-                "run",
-                "--state-dir",
-                "state",
-                "--trust-root",
-                "root.pub",
-                "--http-listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _first = ChildGuard(agent_run(d, port).stderr(Stdio::null()).spawn().unwrap());
     assert!(wait_until(Duration::from_secs(20), || d
         .join("state/agent.sock")
         .exists()));
-    let out = Command::new(bin("edge-agent"))
-        .current_dir(d)
-        .args([
-            "run",
-            "--state-dir",
-            "state",
-            "--trust-root",
-            "root.pub",
-            "--http-listen",
-            &format!("127.0.0.1:{}", free_port()),
-        ])
-        .output()
-        .unwrap();
+    let out = agent_run(d, free_port()).output().unwrap();
     assert_eq!(out.status.code(), Some(75));
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another edge-agent process"));
 }
 
 #[test]
 fn systemd_unit_passes_systemd_analyze_verify() {
-    if Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var_os("E2E_REQUIRE_TOOLS").is_none(),
-            "systemd-analyze is required (E2E_REQUIRE_TOOLS is set)"
-        );
-        eprintln!(
-            "SKIPPED systemd_unit_passes_systemd_analyze_verify: systemd-analyze not installed"
-        );
+    if !tool_or_skip(
+        "systemd-analyze",
+        "--version",
+        "systemd_unit_passes_systemd_analyze_verify",
+    ) {
         return;
     }
     let tmp = scratch();

@@ -9,13 +9,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use e2e_tests::{free_port, mosquitto_or_skip, scratch, wait_until, Mosquitto};
-use edge_agent::outbox::{Class, Outbox, OutboxConfig};
+use e2e_tests::{free_port, mosquitto_or_skip, scratch, tool_or_skip, wait_until, Mosquitto};
+use edge_agent::outbox::{Class, Outbox, OutboxConfig, Quarantined};
 use edge_agent::sync::{self, SyncConfig, SyncCounters};
 use fleet_server::ingest::{self, FileStore, IngestConfig, IngestCounters};
 use shared::wire;
+use tempfile::TempDir;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::mqtt::{publish, subscribe};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -23,6 +26,63 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// A runtime, a scratch directory and a plain Mosquitto broker in it: what most sync tests
+/// start from.
+struct Rig {
+    broker: Mosquitto,
+    tmp: TempDir,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Rig {
+    /// `None` (the test is skipped) without Mosquitto.
+    fn start() -> Option<Rig> {
+        if !mosquitto_or_skip("sync tests") {
+            return None;
+        }
+        let rt = runtime();
+        let tmp = scratch();
+        let broker = Mosquitto::start(tmp.path());
+        Some(Rig { broker, tmp, rt })
+    }
+
+    /// A fleet ingest on the broker, storing into `<scratch>/fleet`.
+    fn fleet(&self, client_id: &str) -> Fleet {
+        start_fleet(
+            &self.rt,
+            &self.broker.url(),
+            &self.tmp.path().join("fleet"),
+            client_id,
+        )
+    }
+
+    /// A fresh outbox in `<scratch>/<name>`.
+    fn outbox(&self, name: &str) -> Outbox {
+        open_outbox(&self.tmp.path().join(name))
+    }
+
+    /// A sync agent for `device` on the broker alone.
+    fn agent(&self, device: &str, outbox: &Outbox) -> Agent {
+        start_agent(&self.rt, sync_cfg(vec![self.broker.url()]), device, outbox)
+    }
+}
+
+/// Opens the outbox in `dir` with the default config.
+fn open_outbox(dir: &Path) -> Outbox {
+    Outbox::open(dir, &OutboxConfig::default()).unwrap().0
+}
+
+/// Opens the outbox in `dir` again, waiting (10 s) for the previous incarnation's handles to
+/// be released.
+fn reopen_outbox(dir: &Path) -> (Outbox, Option<Quarantined>) {
+    let mut opened = None;
+    assert!(wait_until(Duration::from_secs(10), || {
+        opened = Outbox::open(dir, &OutboxConfig::default()).ok();
+        opened.is_some()
+    }));
+    opened.unwrap()
 }
 
 fn sync_cfg(urls: Vec<String>) -> SyncConfig {
@@ -221,18 +281,38 @@ fn wait_delivered(fleet: &Fleet, outbox: &Outbox, device: &str, last: u64) {
     );
 }
 
+/// [`wait_delivered`], then [`assert_exactly_once`].
+fn assert_delivered_exactly_once(fleet: &Fleet, outbox: &Outbox, device: &str, last: u64) {
+    wait_delivered(fleet, outbox, device, last);
+    assert_exactly_once(&fleet.dir, device, last);
+}
+
+/// Waits (20 s) until `agent` failed to connect `attempts` times, asserts it never connected
+/// and returns its last error.
+fn wait_refused(agent: &Agent, attempts: u64) -> String {
+    assert!(wait_until(Duration::from_secs(20), || agent
+        .counters
+        .reconnects
+        .load(Ordering::Relaxed)
+        >= attempts));
+    assert_eq!(agent.counters.connects.load(Ordering::Relaxed), 0);
+    agent.counters.last_error()
+}
+
+/// The sync config for `url` with `ca` as the trusted CA file.
+fn tls_cfg(url: &str, ca: PathBuf) -> SyncConfig {
+    let mut cfg = sync_cfg(vec![url.to_string()]);
+    cfg.ca_file = Some(ca);
+    cfg
+}
+
 #[test]
 fn sync_broker_killed_while_producing_then_back() {
-    if !mosquitto_or_skip("sync tests") {
-        return;
-    }
-    let rt = runtime();
-    let tmp = scratch();
-    let mut broker = Mosquitto::start(tmp.path());
-    let fleet = start_fleet(&rt, &broker.url(), &tmp.path().join("fleet"), "fleet-a");
-    let (outbox, _) = Outbox::open(&tmp.path().join("outbox"), &OutboxConfig::default()).unwrap();
+    let Some(mut rig) = Rig::start() else { return };
+    let fleet = rig.fleet("fleet-a");
+    let outbox = rig.outbox("outbox");
     let dev = "press-a";
-    let agent = start_agent(&rt, sync_cfg(vec![broker.url()]), dev, &outbox);
+    let agent = rig.agent(dev, &outbox);
     let last = produce(&outbox, Some(&agent.wake), 500, 50);
     wait_delivered(&fleet, &outbox, dev, last);
     assert!(
@@ -240,16 +320,15 @@ fn sync_broker_killed_while_producing_then_back() {
         "birth seen"
     );
 
-    broker.kill();
+    rig.broker.kill();
     let last = produce(&outbox, Some(&agent.wake), 3000, 100);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
         outbox.acked_through() < last,
         "nothing acked while the broker is down"
     );
-    broker.restart();
-    wait_delivered(&fleet, &outbox, dev, last);
-    assert_exactly_once(&fleet.dir, dev, last);
+    rig.broker.restart();
+    assert_delivered_exactly_once(&fleet, &outbox, dev, last);
     assert_no_unaccounted_skip(&fleet);
     assert!(agent.counters.connects.load(Ordering::Relaxed) >= 2);
     assert!(agent.counters.reconnects.load(Ordering::Relaxed) >= 1);
@@ -264,7 +343,7 @@ fn sync_broker_killed_while_producing_then_back() {
 
     // clean shutdown publishes the retained death
     let deaths = fleet.counters.deaths.load(Ordering::Relaxed);
-    agent.stop(&rt);
+    agent.stop(&rig.rt);
     assert!(
         wait_until(Duration::from_secs(10), || fleet
             .counters
@@ -273,21 +352,16 @@ fn sync_broker_killed_while_producing_then_back() {
             > deaths),
         "death published on shutdown"
     );
-    fleet.stop(&rt);
+    fleet.stop(&rig.rt);
 }
 
 #[test]
 fn sync_broker_restarted_mid_stream() {
-    if !mosquitto_or_skip("sync tests") {
-        return;
-    }
-    let rt = runtime();
-    let tmp = scratch();
-    let mut broker = Mosquitto::start(tmp.path());
-    let fleet = start_fleet(&rt, &broker.url(), &tmp.path().join("fleet"), "fleet-b");
-    let (outbox, _) = Outbox::open(&tmp.path().join("outbox"), &OutboxConfig::default()).unwrap();
+    let Some(mut rig) = Rig::start() else { return };
+    let fleet = rig.fleet("fleet-b");
+    let outbox = rig.outbox("outbox");
     let dev = "press-b";
-    let agent = start_agent(&rt, sync_cfg(vec![broker.url()]), dev, &outbox);
+    let agent = rig.agent(dev, &outbox);
     let (ob, wake) = (outbox.clone(), agent.wake.clone());
     let producer = std::thread::spawn(move || {
         let mut last = 0;
@@ -299,45 +373,31 @@ fn sync_broker_restarted_mid_stream() {
     });
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(800));
-        broker.kill();
+        rig.broker.kill();
         std::thread::sleep(Duration::from_millis(300));
-        broker.restart();
+        rig.broker.restart();
     }
     let last = producer.join().unwrap();
     assert_eq!(last, 6000);
-    wait_delivered(&fleet, &outbox, dev, last);
-    assert_exactly_once(&fleet.dir, dev, last);
+    assert_delivered_exactly_once(&fleet, &outbox, dev, last);
     assert_no_unaccounted_skip(&fleet);
     assert!(agent.counters.connects.load(Ordering::Relaxed) >= 3);
-    agent.stop(&rt);
-    fleet.stop(&rt);
+    agent.stop(&rig.rt);
+    fleet.stop(&rig.rt);
 }
 
 #[test]
 fn sync_agent_crash_between_publish_and_ack() {
-    if !mosquitto_or_skip("sync tests") {
-        return;
-    }
-    let rt = runtime();
-    let tmp = scratch();
-    let broker = Mosquitto::start(tmp.path());
-    let fleet = start_fleet(&rt, &broker.url(), &tmp.path().join("fleet"), "fleet-c");
-    let ob_dir = tmp.path().join("outbox");
+    let Some(rig) = Rig::start() else { return };
+    let fleet = rig.fleet("fleet-c");
+    let ob_dir = rig.tmp.path().join("outbox");
     let dev = "press-c";
     let mut last = 0;
     let mut duplicates_before = 0;
     for round in 0..3 {
-        let (outbox, q) = {
-            // the previous incarnation's handles may take a moment to be released
-            let mut opened = None;
-            assert!(wait_until(Duration::from_secs(10), || {
-                opened = Outbox::open(&ob_dir, &OutboxConfig::default()).ok();
-                opened.is_some()
-            }));
-            opened.unwrap()
-        };
+        let (outbox, q) = reopen_outbox(&ob_dir);
         assert!(q.is_none(), "the outbox survived the crash");
-        let agent = start_agent(&rt, sync_cfg(vec![broker.url()]), dev, &outbox);
+        let agent = rig.agent(dev, &outbox);
         last = produce(&outbox, Some(&agent.wake), 2000, 200);
         if round < 2 {
             // crash once something is published and not everything is acknowledged
@@ -345,12 +405,12 @@ fn sync_agent_crash_between_publish_and_ack() {
                 agent.counters.published_batches.load(Ordering::Relaxed) >= 3
             }));
             agent.task.abort();
-            let _ = rt.block_on(agent.task);
+            let _ = rig.rt.block_on(agent.task);
             assert!(outbox.acked_through() < last, "crashed before the end");
             drop(outbox);
         } else {
             wait_delivered(&fleet, &outbox, dev, last);
-            agent.stop(&rt);
+            agent.stop(&rig.rt);
         }
         // the fleet may not have stored anything yet when the first crash comes
         let duplicates = FileStore::read_state(&fleet.dir, dev)
@@ -366,7 +426,7 @@ fn sync_agent_crash_between_publish_and_ack() {
         fleet.counters.deaths.load(Ordering::Relaxed) >= 1,
         "the broker published the last will of the crashed agent"
     );
-    fleet.stop(&rt);
+    fleet.stop(&rig.rt);
 }
 
 #[test]
@@ -443,33 +503,27 @@ fn sync_small_cap_produced_equals_stored_plus_drops() {
 
 #[test]
 fn sync_failover_to_the_second_url() {
-    if !mosquitto_or_skip("sync tests") {
-        return;
-    }
-    let rt = runtime();
-    let tmp = scratch();
-    let broker = Mosquitto::start(tmp.path());
-    let fleet = start_fleet(&rt, &broker.url(), &tmp.path().join("fleet"), "fleet-f");
+    let Some(rig) = Rig::start() else { return };
+    let fleet = rig.fleet("fleet-f");
     let dead = format!("mqtt://127.0.0.1:{}", free_port());
-    let (outbox, _) = Outbox::open(&tmp.path().join("outbox"), &OutboxConfig::default()).unwrap();
+    let outbox = rig.outbox("outbox");
     let dev = "press-f";
     let agent = start_agent(
-        &rt,
-        sync_cfg(vec![dead.clone(), broker.url()]),
+        &rig.rt,
+        sync_cfg(vec![dead.clone(), rig.broker.url()]),
         dev,
         &outbox,
     );
     let last = produce(&outbox, Some(&agent.wake), 300, 100);
-    wait_delivered(&fleet, &outbox, dev, last);
-    assert_exactly_once(&fleet.dir, dev, last);
-    assert_eq!(agent.counters.current_broker(), broker.url());
+    assert_delivered_exactly_once(&fleet, &outbox, dev, last);
+    assert_eq!(agent.counters.current_broker(), rig.broker.url());
     assert!(
         agent.counters.last_error().starts_with(&dead),
         "{}",
         agent.counters.last_error()
     );
-    agent.stop(&rt);
-    fleet.stop(&rt);
+    agent.stop(&rig.rt);
+    fleet.stop(&rig.rt);
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -562,15 +616,8 @@ fn make_pki(dir: &Path) {
 
 #[test]
 fn sync_over_tls_and_mutual_tls() {
-    if !mosquitto_or_skip("sync TLS tests") {
-        return;
-    }
-    if Command::new("openssl").arg("version").output().is_err() {
-        assert!(
-            std::env::var_os("E2E_REQUIRE_TOOLS").is_none(),
-            "openssl is required (E2E_REQUIRE_TOOLS is set)"
-        );
-        eprintln!("SKIPPED sync TLS tests: openssl not installed");
+    if !mosquitto_or_skip("sync TLS tests") || !tool_or_skip("openssl", "version", "sync TLS tests")
+    {
         return;
     }
     let rt = runtime();
@@ -604,30 +651,22 @@ fn sync_over_tls_and_mutual_tls() {
     );
 
     // server-authenticated TLS with the CA file
-    let (outbox, _) = Outbox::open(&tmp.path().join("ob-tls"), &OutboxConfig::default()).unwrap();
-    let mut cfg = sync_cfg(vec![format!("mqtts://127.0.0.1:{tls}")]);
-    cfg.ca_file = Some(pki.join("ca.pem"));
+    let tls_url = format!("mqtts://127.0.0.1:{tls}");
+    let outbox = open_outbox(&tmp.path().join("ob-tls"));
+    let cfg = tls_cfg(&tls_url, pki.join("ca.pem"));
     cfg.validate().unwrap();
-    let agent = start_agent(&rt, cfg.clone(), "tls-dev", &outbox);
+    let agent = start_agent(&rt, cfg, "tls-dev", &outbox);
     let last = produce(&outbox, Some(&agent.wake), 300, 100);
-    wait_delivered(&fleet, &outbox, "tls-dev", last);
-    assert_exactly_once(&fleet.dir, "tls-dev", last);
+    assert_delivered_exactly_once(&fleet, &outbox, "tls-dev", last);
     agent.stop(&rt);
 
     // mutual TLS without a client certificate: refused, with a clear error
     let mtls_url = format!("mqtts://127.0.0.1:{mtls}");
-    let (outbox, _) = Outbox::open(&tmp.path().join("ob-mtls"), &OutboxConfig::default()).unwrap();
-    let mut cfg = sync_cfg(vec![mtls_url.clone()]);
-    cfg.ca_file = Some(pki.join("ca.pem"));
+    let outbox = open_outbox(&tmp.path().join("ob-mtls"));
+    let mut cfg = tls_cfg(&mtls_url, pki.join("ca.pem"));
     let agent = start_agent(&rt, cfg.clone(), "mtls-dev", &outbox);
     let last = produce(&outbox, Some(&agent.wake), 100, 100);
-    assert!(wait_until(Duration::from_secs(20), || agent
-        .counters
-        .reconnects
-        .load(Ordering::Relaxed)
-        >= 2));
-    assert_eq!(agent.counters.connects.load(Ordering::Relaxed), 0);
-    let err = agent.counters.last_error();
+    let err = wait_refused(&agent, 2);
     assert!(err.starts_with(&mtls_url), "{err}");
     assert!(
         err.contains("TLS") && err.contains("sync.client_cert"),
@@ -642,25 +681,21 @@ fn sync_over_tls_and_mutual_tls() {
     cfg.client_key = Some(pki.join("client.key"));
     cfg.validate().unwrap();
     let agent = start_agent(&rt, cfg, "mtls-dev", &outbox);
-    wait_delivered(&fleet, &outbox, "mtls-dev", last);
-    assert_exactly_once(&fleet.dir, "mtls-dev", last);
+    assert_delivered_exactly_once(&fleet, &outbox, "mtls-dev", last);
     agent.stop(&rt);
 
     // a CA that did not sign the server: refused
     let other = tmp.path().join("other");
     std::fs::create_dir(&other).unwrap();
     make_pki(&other);
-    let (outbox, _) = Outbox::open(&tmp.path().join("ob-bad"), &OutboxConfig::default()).unwrap();
-    let mut cfg = sync_cfg(vec![format!("mqtts://127.0.0.1:{tls}")]);
-    cfg.ca_file = Some(other.join("ca.pem"));
-    let agent = start_agent(&rt, cfg, "bad-ca", &outbox);
-    assert!(wait_until(Duration::from_secs(20), || agent
-        .counters
-        .reconnects
-        .load(Ordering::Relaxed)
-        >= 1));
-    assert_eq!(agent.counters.connects.load(Ordering::Relaxed), 0);
-    let err = agent.counters.last_error();
+    let outbox = open_outbox(&tmp.path().join("ob-bad"));
+    let agent = start_agent(
+        &rt,
+        tls_cfg(&tls_url, other.join("ca.pem")),
+        "bad-ca",
+        &outbox,
+    );
+    let err = wait_refused(&agent, 1);
     assert!(err.contains("TLS") && err.contains("sync.ca_file"), "{err}");
     agent.stop(&rt);
     fleet.stop(&rt);
@@ -668,37 +703,27 @@ fn sync_over_tls_and_mutual_tls() {
 
 #[test]
 fn sync_a_quarantined_outbox_starts_a_new_epoch_the_fleet_stores() {
-    if !mosquitto_or_skip("sync tests") {
-        return;
-    }
-    let rt = runtime();
-    let tmp = scratch();
-    let broker = Mosquitto::start(tmp.path());
-    let fleet = start_fleet(&rt, &broker.url(), &tmp.path().join("fleet"), "fleet-e");
-    let ob_dir = tmp.path().join("outbox");
+    let Some(rig) = Rig::start() else { return };
+    let fleet = rig.fleet("fleet-e");
+    let ob_dir = rig.tmp.path().join("outbox");
     let dev = "press-e";
     // epoch 1: 500 records delivered
-    let (outbox, _) = Outbox::open(&ob_dir, &OutboxConfig::default()).unwrap();
+    let outbox = open_outbox(&ob_dir);
     let first_epoch = outbox.epoch();
-    let agent = start_agent(&rt, sync_cfg(vec![broker.url()]), dev, &outbox);
+    let agent = rig.agent(dev, &outbox);
     let last = produce(&outbox, Some(&agent.wake), 500, 100);
     wait_delivered(&fleet, &outbox, dev, last);
-    agent.stop(&rt);
+    agent.stop(&rig.rt);
     drop(outbox);
     // the outbox's database is damaged: it is moved aside and a fresh one (new epoch, seqs
     // from 1 again) is created
     let db = ob_dir.join("db");
     let len = std::fs::metadata(&db).unwrap().len() as usize;
     std::fs::write(&db, vec![0x5a; len.max(4096)]).unwrap();
-    let mut opened = None;
-    assert!(wait_until(Duration::from_secs(10), || {
-        opened = Outbox::open(&ob_dir, &OutboxConfig::default()).ok();
-        opened.is_some()
-    }));
-    let (outbox, quarantined) = opened.unwrap();
+    let (outbox, quarantined) = reopen_outbox(&ob_dir);
     assert!(quarantined.is_some(), "the damaged outbox was quarantined");
     assert_ne!(outbox.epoch(), first_epoch);
-    let agent = start_agent(&rt, sync_cfg(vec![broker.url()]), dev, &outbox);
+    let agent = rig.agent(dev, &outbox);
     let last2 = produce(&outbox, Some(&agent.wake), 300, 100);
     assert_eq!(last2, 300, "the new epoch starts at seq 1");
     // delivered and acknowledged although seqs 1..=300 were stored before (other epoch)
@@ -707,7 +732,7 @@ fn sync_a_quarantined_outbox_starts_a_new_epoch_the_fleet_stores() {
         "the new epoch was not acknowledged: acked through {}",
         outbox.acked_through()
     );
-    agent.stop(&rt);
+    agent.stop(&rig.rt);
     let st = fleet.state(dev);
     assert_eq!((st.epoch, st.epoch_changes), (outbox.epoch(), 1));
     assert_eq!(st.retired_epochs, vec![first_epoch]);
@@ -723,18 +748,14 @@ fn sync_a_quarantined_outbox_starts_a_new_epoch_the_fleet_stores() {
         got.len()
     );
     assert_no_unaccounted_skip(&fleet);
-    fleet.stop(&rt);
+    fleet.stop(&rig.rt);
 }
 
 #[test]
 fn sync_signed_directives_replayed_expired_and_other_device_are_refused() {
     use shared::directive::{Action, Directive, DirectiveSigner};
-    if !mosquitto_or_skip("sync tests") {
-        return;
-    }
-    let rt = runtime();
-    let tmp = scratch();
-    let broker = Mosquitto::start(tmp.path());
+    let Some(rig) = Rig::start() else { return };
+    let tmp = &rig.tmp;
     let dev = "press-d";
     // the fleet's directive key; the device trusts its public half
     let key = shared::trust::SecretKey::from_seed([42u8; 32]);
@@ -743,7 +764,7 @@ fn sync_signed_directives_replayed_expired_and_other_device_are_refused() {
     let signer = DirectiveSigner::new(key);
     let state = tmp.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
-    let (outbox, _) = Outbox::open(&state.join("outbox"), &OutboxConfig::default()).unwrap();
+    let outbox = open_outbox(&state.join("outbox"));
     let events = Arc::new(std::sync::Mutex::new(
         Vec::<(String, serde_json::Value)>::new(),
     ));
@@ -754,7 +775,13 @@ fn sync_signed_directives_replayed_expired_and_other_device_are_refused() {
     let commands =
         edge_agent::command::Commands::open(dev, std::slice::from_ref(&pub_file), &state, on_event)
             .unwrap();
-    let agent = start_agent_with(&rt, sync_cfg(vec![broker.url()]), dev, &outbox, commands);
+    let agent = start_agent_with(
+        &rig.rt,
+        sync_cfg(vec![rig.broker.url()]),
+        dev,
+        &outbox,
+        commands,
+    );
     assert!(wait_until(Duration::from_secs(20), || {
         agent.counters.connected.load(Ordering::Relaxed) == 1
     }));
@@ -770,25 +797,8 @@ fn sync_signed_directives_replayed_expired_and_other_device_are_refused() {
         );
         String::from_utf8(signer.sign_payload(&d).unwrap()).unwrap()
     };
-    let port = broker.port.to_string();
-    let sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-t",
-            &format!("edge/v1/{dev}/replies"),
-            "-C",
-            "4",
-            "-W",
-            "30",
-            "-q",
-            "1",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let port = rig.broker.port;
+    let sub = subscribe(port, &format!("edge/v1/{dev}/replies"), 4, 30, true);
     std::thread::sleep(Duration::from_millis(500));
     let payloads = [
         sign(dev, 10, now),             // accepted
@@ -797,21 +807,7 @@ fn sync_signed_directives_replayed_expired_and_other_device_are_refused() {
         sign("press-other", 12, now),   // another device's
     ];
     for p in &payloads {
-        let st = Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-t",
-                &format!("edge/v1/{dev}/commands"),
-                "-q",
-                "1",
-                "-m",
-                p,
-            ])
-            .status()
-            .unwrap();
+        let st = publish(port, &format!("edge/v1/{dev}/commands"), p).unwrap();
         assert!(st.success());
         // one at a time: replies come back in order
         std::thread::sleep(Duration::from_millis(300));
@@ -840,5 +836,5 @@ fn sync_signed_directives_replayed_expired_and_other_device_are_refused() {
         serde_json::from_slice(&std::fs::read(state.join("directive-counter.json")).unwrap())
             .unwrap();
     assert_eq!(counter["last"], 10);
-    agent.stop(&rt);
+    agent.stop(&rig.rt);
 }

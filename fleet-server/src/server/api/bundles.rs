@@ -449,8 +449,44 @@ mod tests {
         (status, headers, body.to_vec())
     }
 
+    /// A response: status, headers and body.
+    type Reply = (StatusCode, HeaderMap, Vec<u8>);
+
+    impl Fixture {
+        /// The bytes of a fresh `pdm@version` bundle with a model of `model_bytes`.
+        fn bundle_bytes(&self, version: &str, model_bytes: usize) -> Vec<u8> {
+            std::fs::read(make_bundle(
+                &self.dir,
+                "pdm",
+                version,
+                None,
+                &root(),
+                model_bytes,
+            ))
+            .unwrap()
+        }
+        /// `POST /v1/bundles` with `bytes`.
+        async fn push(&self, secret: &str, bytes: Vec<u8>) -> Reply {
+            call(&self.app, "POST", "/v1/bundles", secret, bytes, None).await
+        }
+        /// `POST /v1/bundles/pdm/{version}/approve`.
+        async fn approve(&self, version: &str, secret: &str) -> Reply {
+            let uri = format!("/v1/bundles/pdm/{version}/approve");
+            call(&self.app, "POST", &uri, secret, vec![], None).await
+        }
+        /// `GET uri`, with a Range header when `range` is given.
+        async fn get(&self, uri: &str, secret: &str, range: Option<&str>) -> Reply {
+            call(&self.app, "GET", uri, secret, vec![], range).await
+        }
+    }
+
     fn json(b: &[u8]) -> serde_json::Value {
         serde_json::from_slice(b).unwrap()
+    }
+
+    /// The `error` message of an error response body.
+    fn error(b: &[u8]) -> String {
+        json(b)["error"].as_str().unwrap().to_string()
     }
 
     fn audit_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
@@ -464,13 +500,12 @@ mod tests {
     #[tokio::test]
     async fn push_approve_list_and_audit() {
         let f = fixture(1);
-        let bundle = make_bundle(&f.dir, "pdm", "1.0.0", None, &root(), 10_000);
-        let bytes = std::fs::read(&bundle).unwrap();
+        let bytes = f.bundle_bytes("1.0.0", 10_000);
         let sha = shared::delivery::sha256_hex(&bytes);
         // a viewer may not push
-        let (st, _, _) = call(&f.app, "POST", "/v1/bundles", "v", bytes.clone(), None).await;
+        let (st, _, _) = f.push("v", bytes.clone()).await;
         assert_eq!(st, StatusCode::FORBIDDEN);
-        let (st, h, b) = call(&f.app, "POST", "/v1/bundles", "a", bytes.clone(), None).await;
+        let (st, h, b) = f.push("a", bytes.clone()).await;
         assert_eq!(st, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b));
         assert_eq!(h["location"], "/v1/bundles/pdm/1.0.0");
         let v = json(&b);
@@ -489,7 +524,7 @@ mod tests {
             assert!(!v[key].is_null(), "{key} missing in {v}");
         }
         // the same bytes again: 200
-        let (st, _, _) = call(&f.app, "POST", "/v1/bundles", "a", bytes.clone(), None).await;
+        let (st, _, _) = f.push("a", bytes.clone()).await;
         assert_eq!(st, StatusCode::OK);
         // other bytes under the same name@version: 409
         let other_dir = f.dir.join("o");
@@ -503,79 +538,42 @@ mod tests {
             10_001,
         ))
         .unwrap();
-        let (st, _, b) = call(&f.app, "POST", "/v1/bundles", "a", other, None).await;
+        let (st, _, b) = f.push("a", other).await;
         assert_eq!(st, StatusCode::CONFLICT);
-        assert!(json(&b)["error"].as_str().unwrap().contains("pdm@1.0.0"));
+        assert!(error(&b).contains("pdm@1.0.0"));
         // garbage: 422
-        let (st, _, b) = call(&f.app, "POST", "/v1/bundles", "a", b"junk".to_vec(), None).await;
+        let (st, _, b) = f.push("a", b"junk".to_vec()).await;
         assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
-        assert!(json(&b)["error"].as_str().unwrap().contains("refused"));
+        assert!(error(&b).contains("refused"));
         // too large: 413
-        let big =
-            std::fs::read(make_bundle(&f.dir, "pdm", "2.0.0", None, &root(), 400_000)).unwrap();
-        let (st, _, b) = call(&f.app, "POST", "/v1/bundles", "a", big, None).await;
+        let (st, _, b) = f.push("a", f.bundle_bytes("2.0.0", 400_000)).await;
         assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE);
-        assert!(json(&b)["error"].as_str().unwrap().contains("300000"));
+        assert!(error(&b).contains("300000"));
 
         // approve: an operator cannot; the uploader is not an admin here, an admin can
-        let (st, _, _) = call(
-            &f.app,
-            "POST",
-            "/v1/bundles/pdm/1.0.0/approve",
-            "a",
-            vec![],
-            None,
-        )
-        .await;
+        let (st, _, _) = f.approve("1.0.0", "a").await;
         assert_eq!(st, StatusCode::FORBIDDEN);
-        let (st, _, b) = call(
-            &f.app,
-            "POST",
-            "/v1/bundles/pdm/1.0.0/approve",
-            "b",
-            vec![],
-            None,
-        )
-        .await;
+        let (st, _, b) = f.approve("1.0.0", "b").await;
         assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
         let v = json(&b);
         assert_eq!(v["signoff"]["state"], "ready");
         assert_eq!(v["signoff"]["approved_by"][0], "bob");
-        let (st, _, b) = call(
-            &f.app,
-            "POST",
-            "/v1/bundles/pdm/1.0.0/approve",
-            "b",
-            vec![],
-            None,
-        )
-        .await;
+        let (st, _, b) = f.approve("1.0.0", "b").await;
         assert_eq!(st, StatusCode::CONFLICT);
-        assert!(json(&b)["error"]
-            .as_str()
-            .unwrap()
-            .contains("already approved"));
-        let (st, _, _) = call(
-            &f.app,
-            "POST",
-            "/v1/bundles/pdm/9.9.9/approve",
-            "b",
-            vec![],
-            None,
-        )
-        .await;
+        assert!(error(&b).contains("already approved"));
+        let (st, _, _) = f.approve("9.9.9", "b").await;
         assert_eq!(st, StatusCode::NOT_FOUND);
 
-        let (st, _, b) = call(&f.app, "GET", "/v1/bundles", "v", vec![], None).await;
+        let (st, _, b) = f.get("/v1/bundles", "v", None).await;
         assert_eq!(st, StatusCode::OK);
         let v = json(&b);
         assert_eq!(v["bundles"].as_array().unwrap().len(), 1);
-        let (st, _, b) = call(&f.app, "GET", "/v1/bundles/pdm/1.0.0", "v", vec![], None).await;
+        let (st, _, b) = f.get("/v1/bundles/pdm/1.0.0", "v", None).await;
         assert_eq!(st, StatusCode::OK);
         assert_eq!(json(&b)["signoff"]["state"], "ready");
-        let (st, _, b) = call(&f.app, "GET", "/v1/bundles/pdm/3.0.0", "v", vec![], None).await;
+        let (st, _, b) = f.get("/v1/bundles/pdm/3.0.0", "v", None).await;
         assert_eq!(st, StatusCode::NOT_FOUND);
-        assert!(json(&b)["error"].as_str().unwrap().contains("pdm@3.0.0"));
+        assert!(error(&b).contains("pdm@3.0.0"));
 
         // every push and approval attempt after authorization is in the audit log
         let lines = audit_lines(&f.audit_path);
@@ -604,21 +602,11 @@ mod tests {
     #[tokio::test]
     async fn the_uploader_cannot_approve() {
         let f = fixture(1);
-        let bytes =
-            std::fs::read(make_bundle(&f.dir, "pdm", "1.0.0", None, &root(), 1000)).unwrap();
-        let (st, _, _) = call(&f.app, "POST", "/v1/bundles", "r", bytes, None).await;
+        let (st, _, _) = f.push("r", f.bundle_bytes("1.0.0", 1000)).await;
         assert_eq!(st, StatusCode::CREATED);
-        let (st, _, b) = call(
-            &f.app,
-            "POST",
-            "/v1/bundles/pdm/1.0.0/approve",
-            "r",
-            vec![],
-            None,
-        )
-        .await;
+        let (st, _, b) = f.approve("1.0.0", "r").await;
         assert_eq!(st, StatusCode::FORBIDDEN);
-        let msg = json(&b)["error"].as_str().unwrap().to_string();
+        let msg = error(&b);
         assert!(msg.contains("\"root\" uploaded it"), "{msg}");
         let lines = audit_lines(&f.audit_path);
         assert_eq!(lines[1]["action"], "bundle.approve");
@@ -628,42 +616,42 @@ mod tests {
     #[tokio::test]
     async fn downloads_honour_ranges() {
         let f = fixture(0);
-        let bytes =
-            std::fs::read(make_bundle(&f.dir, "pdm", "1.0.0", None, &root(), 150_000)).unwrap();
-        let (st, _, _) = call(&f.app, "POST", "/v1/bundles", "a", bytes.clone(), None).await;
+        let bytes = f.bundle_bytes("1.0.0", 150_000);
+        let (st, _, _) = f.push("a", bytes.clone()).await;
         assert_eq!(st, StatusCode::CREATED);
         let url = "/v1/bundles/pdm/1.0.0/download";
-        let (st, h, b) = call(&f.app, "GET", url, "v", vec![], None).await;
+        let (st, h, b) = f.get(url, "v", None).await;
         assert_eq!(st, StatusCode::OK);
         assert_eq!(b, bytes);
         assert_eq!(h["accept-ranges"], "bytes");
         assert_eq!(h["content-length"], bytes.len().to_string().as_str());
         let len = bytes.len();
-        let (st, h, b) = call(&f.app, "GET", url, "v", vec![], Some("bytes=100-70099")).await;
+        let (st, h, b) = f.get(url, "v", Some("bytes=100-70099")).await;
         assert_eq!(st, StatusCode::PARTIAL_CONTENT);
         assert_eq!(b, &bytes[100..70100]);
         assert_eq!(
             h["content-range"],
             format!("bytes 100-70099/{len}").as_str()
         );
-        let (st, _, b) = call(&f.app, "GET", url, "v", vec![], Some("bytes=70000-")).await;
-        assert_eq!(st, StatusCode::PARTIAL_CONTENT);
-        assert_eq!(b, &bytes[70000..]);
-        let (st, _, b) = call(&f.app, "GET", url, "v", vec![], Some("bytes=-10")).await;
-        assert_eq!(st, StatusCode::PARTIAL_CONTENT);
-        assert_eq!(b, &bytes[len - 10..]);
-        let (st, _, b) = call(&f.app, "GET", url, "v", vec![], Some("bytes=0-99999999")).await;
-        assert_eq!(st, StatusCode::PARTIAL_CONTENT);
-        assert_eq!(b, bytes);
+        // (range, the part of the file expected as 206 Partial Content)
+        for (range, part) in [
+            ("bytes=70000-", &bytes[70000..]),
+            ("bytes=-10", &bytes[len - 10..]),
+            ("bytes=0-99999999", &bytes[..]),
+        ] {
+            let (st, _, b) = f.get(url, "v", Some(range)).await;
+            assert_eq!(st, StatusCode::PARTIAL_CONTENT, "{range}");
+            assert_eq!(b, part, "{range}");
+        }
         let past = format!("bytes={len}-");
-        let (st, h, _) = call(&f.app, "GET", url, "v", vec![], Some(&past)).await;
+        let (st, h, _) = f.get(url, "v", Some(&past)).await;
         assert_eq!(st, StatusCode::RANGE_NOT_SATISFIABLE);
         assert_eq!(h["content-range"], format!("bytes */{len}").as_str());
         // several ranges: the whole file
-        let (st, _, b) = call(&f.app, "GET", url, "v", vec![], Some("bytes=0-1,5-6")).await;
+        let (st, _, b) = f.get(url, "v", Some("bytes=0-1,5-6")).await;
         assert_eq!(st, StatusCode::OK);
         assert_eq!(b.len(), len);
-        let (st, _, _) = call(&f.app, "GET", url, "nobody", vec![], None).await;
+        let (st, _, _) = f.get(url, "nobody", None).await;
         assert_eq!(st, StatusCode::UNAUTHORIZED);
     }
 

@@ -444,6 +444,24 @@ pub(crate) mod tests {
         format!("secret-{role}-0123456789")
     }
 
+    /// The served API, called with the token of a role.
+    #[derive(Clone, Copy)]
+    struct Api(std::net::SocketAddr);
+
+    impl Api {
+        async fn get(self, path: &str, role: &str) -> (u16, Value) {
+            http(self.0, "GET", path, &tok(role), "").await
+        }
+        async fn post(self, path: &str, role: &str, body: &str) -> (u16, Value) {
+            http(self.0, "POST", path, &tok(role), body).await
+        }
+    }
+
+    /// The `error` message of an error response.
+    fn error(v: &Value) -> &str {
+        v["error"].as_str().unwrap()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn rollout_endpoints_follow_the_contract_and_audit_every_change() {
         let dir = tempfile::tempdir().unwrap();
@@ -496,9 +514,10 @@ pub(crate) mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        let api = Api(addr);
 
         let body = r#"{"bundle":"pdm@1.2.0","target":"site=a","waves":["1","50%","100%"],"success_threshold":"95%","failure_threshold":0.05,"wave_timeout":"30m"}"#;
-        let (st, v) = http(addr, "POST", "/v1/rollouts", &tok("viewer"), body).await;
+        let (st, v) = api.post("/v1/rollouts", "viewer", body).await;
         assert_eq!(st, 403, "{v}");
         let (st, _) = http(addr, "POST", "/v1/rollouts", "wrong", body).await;
         assert_eq!(st, 401);
@@ -508,7 +527,7 @@ pub(crate) mod tests {
             "unauthenticated requests are not audited"
         );
 
-        let (st, v) = http(addr, "POST", "/v1/rollouts", &tok("operator"), body).await;
+        let (st, v) = api.post("/v1/rollouts", "operator", body).await;
         assert_eq!(st, 201, "{v}");
         assert_eq!(v["id"], "r-1");
         assert_eq!(v["state"], "running");
@@ -550,72 +569,47 @@ pub(crate) mod tests {
             (r#"{"bundle":"pdm@1.2.0"}"#, 422, "target"),
             ("not json", 422, "request body"),
         ] {
-            let (st, v) = http(addr, "POST", "/v1/rollouts", &tok("operator"), b).await;
+            let (st, v) = api.post("/v1/rollouts", "operator", b).await;
             assert_eq!(st, status, "{b}: {v}");
-            let e = v["error"].as_str().unwrap();
+            let e = error(&v);
             assert!(e.contains(needle), "{b}: {e}");
         }
 
-        let (st, v) = http(addr, "GET", "/v1/rollouts", &tok("viewer"), "").await;
+        let (st, v) = api.get("/v1/rollouts", "viewer").await;
         assert_eq!(st, 200);
         assert_eq!(v["rollouts"].as_array().unwrap().len(), 1);
-        let (st, _) = http(addr, "GET", "/v1/rollouts/r-1", &tok("viewer"), "").await;
+        let (st, _) = api.get("/v1/rollouts/r-1", "viewer").await;
         assert_eq!(st, 200);
-        let (st, v) = http(addr, "GET", "/v1/rollouts/r-9", &tok("viewer"), "").await;
+        let (st, v) = api.get("/v1/rollouts/r-9", "viewer").await;
         assert_eq!(st, 404);
-        assert!(v["error"].as_str().unwrap().contains("r-9"));
-        let (st, _) = http(addr, "POST", "/v1/rollouts/r-1/pause", &tok("viewer"), "").await;
+        assert!(error(&v).contains("r-9"));
+        let (st, _) = api.post("/v1/rollouts/r-1/pause", "viewer", "").await;
         assert_eq!(st, 403);
-        let (st, v) = http(addr, "POST", "/v1/rollouts/r-1/pause", &tok("operator"), "").await;
+        let (st, v) = api.post("/v1/rollouts/r-1/pause", "operator", "").await;
         assert_eq!((st, v["state"].as_str()), (200, Some("paused")));
-        let (st, v) = http(addr, "POST", "/v1/rollouts/r-1/pause", &tok("admin"), "").await;
+        let (st, v) = api.post("/v1/rollouts/r-1/pause", "admin", "").await;
         assert_eq!(st, 409, "{v}");
-        let (st, _) = http(addr, "POST", "/v1/rollouts/r-1/explode", &tok("admin"), "").await;
+        let (st, _) = api.post("/v1/rollouts/r-1/explode", "admin", "").await;
         assert_eq!(st, 404);
-        let (st, v) = http(
-            addr,
-            "POST",
-            "/v1/rollouts/r-1/resume",
-            &tok("operator"),
-            "",
-        )
-        .await;
+        let (st, v) = api.post("/v1/rollouts/r-1/resume", "operator", "").await;
         assert_eq!((st, v["state"].as_str()), (200, Some("running")));
 
-        let (st, v) = http(
-            addr,
-            "POST",
-            "/v1/rollback",
-            &tok("operator"),
-            r#"{"model":"pdm","reason":"bad release"}"#,
-        )
-        .await;
+        let reason = r#"{"model":"pdm","reason":"bad release"}"#;
+        let (st, v) = api.post("/v1/rollback", "operator", reason).await;
         assert_eq!(st, 200, "{v}");
         assert_eq!(
             v,
             serde_json::json!({"model":"pdm","devices":["dev-00","dev-01"]})
         );
-        let (st, _) = http(
-            addr,
-            "POST",
-            "/v1/rollback",
-            &tok("operator"),
-            r#"{"model":"a b"}"#,
-        )
-        .await;
+        let (st, _) = api
+            .post("/v1/rollback", "operator", r#"{"model":"a b"}"#)
+            .await;
         assert_eq!(st, 422);
-        let (_, v) = http(addr, "GET", "/v1/rollouts/r-1", &tok("viewer"), "").await;
+        let (_, v) = api.get("/v1/rollouts/r-1", "viewer").await;
         assert_eq!(v["state"], "aborted");
 
         // every state-changing request was audited, failures included
-        let (st, v) = http(
-            addr,
-            "GET",
-            "/v1/audit?after=0&limit=1000",
-            &tok("viewer"),
-            "",
-        )
-        .await;
+        let (st, v) = api.get("/v1/audit?after=0&limit=1000", "viewer").await;
         assert_eq!(st, 200);
         let recs = v["records"].as_array().unwrap();
         let actions: Vec<(&str, &str)> = recs
@@ -633,44 +627,27 @@ pub(crate) mod tests {
         assert_eq!(actions[13], ("fleet.rollback", "ok"));
         assert_eq!(v["head"]["seq"], 15);
         assert_eq!(v["head"]["hash"], recs[14]["hash"]);
-        let (_, v) = http(
-            addr,
-            "GET",
-            "/v1/audit?after=13&limit=5",
-            &tok("viewer"),
-            "",
-        )
-        .await;
+        let (_, v) = api.get("/v1/audit?after=13&limit=5", "viewer").await;
         assert_eq!(v["records"].as_array().unwrap().len(), 2);
-        let (st, v) = http(addr, "GET", "/v1/audit?after=x", &tok("viewer"), "").await;
+        let (st, v) = api.get("/v1/audit?after=x", "viewer").await;
         assert_eq!(st, 422);
-        assert!(v["error"].as_str().unwrap().contains("after"));
+        assert!(error(&v).contains("after"));
         let (st, _) = http(addr, "GET", "/v1/audit", "nope", "").await;
         assert_eq!(st, 401);
 
-        let (st, v) = http(addr, "GET", "/v1/audit/verify", &tok("viewer"), "").await;
+        let (st, v) = api.get("/v1/audit/verify", "viewer").await;
         assert_eq!(st, 200);
         assert_eq!(v["ok"], true, "{v}");
         assert_eq!(v["records"], 15);
         assert_eq!(v["problem"], Value::Null);
         let hash = recs[3]["hash"].as_str().unwrap().to_string();
-        let (_, v) = http(
-            addr,
-            "GET",
-            &format!("/v1/audit/verify?seq=4&hash={hash}"),
-            &tok("viewer"),
-            "",
-        )
-        .await;
+        let (_, v) = api
+            .get(&format!("/v1/audit/verify?seq=4&hash={hash}"), "viewer")
+            .await;
         assert_eq!(v["ok"], true, "{v}");
-        let (_, v) = http(
-            addr,
-            "GET",
-            &format!("/v1/audit/verify?seq=5&hash={hash}"),
-            &tok("viewer"),
-            "",
-        )
-        .await;
+        let (_, v) = api
+            .get(&format!("/v1/audit/verify?seq=5&hash={hash}"), "viewer")
+            .await;
         assert_eq!(v["ok"], false, "{v}");
         // an edited record is detected, naming it
         let path = dir.path().join("audit.jsonl");
@@ -680,7 +657,7 @@ pub(crate) mod tests {
             text.replacen("\"rollout.pause\"", "\"rollout.pausf\"", 1),
         )
         .unwrap();
-        let (st, v) = http(addr, "GET", "/v1/audit/verify", &tok("viewer"), "").await;
+        let (st, v) = api.get("/v1/audit/verify", "viewer").await;
         assert_eq!(st, 200);
         assert_eq!(v["ok"], false);
         assert!(v["problem"].as_str().unwrap().contains("line 11"), "{v}");
