@@ -53,12 +53,13 @@ fn bucket_of(us: u64) -> usize {
 /// Approximate quantile of a bucketed histogram (the upper bound of the bucket holding it).
 fn histogram_quantile(buckets: &[AtomicU64], q: f64) -> Option<u64> {
     let counts: Vec<u64> = buckets.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    bucket_quantile(&counts, q)
+    bucket_quantile(&LATENCY_BUCKETS_US, &counts, q)
 }
 
-/// Quantile of bucket counts over [`LATENCY_BUCKETS_US`] (plus +Inf): the upper bound of the
-/// bucket holding it; `None` when empty.
-pub fn bucket_quantile(counts: &[u64], q: f64) -> Option<u64> {
+/// Quantile of a bucket histogram: `counts[i]` values fell at or under `bounds[i]` (and above
+/// the previous bound; a count past the last bound is +Inf). Returns the upper bound of the
+/// bucket holding it (`u64::MAX` for +Inf); `None` when empty.
+pub fn bucket_quantile(bounds: &[u64], counts: &[u64], q: f64) -> Option<u64> {
     let total: u64 = counts.iter().sum();
     if total == 0 {
         return None;
@@ -68,7 +69,7 @@ pub fn bucket_quantile(counts: &[u64], q: f64) -> Option<u64> {
     for (i, c) in counts.iter().enumerate() {
         seen += c;
         if seen >= want {
-            return Some(LATENCY_BUCKETS_US.get(i).copied().unwrap_or(u64::MAX));
+            return Some(bounds.get(i).copied().unwrap_or(u64::MAX));
         }
     }
     None

@@ -240,21 +240,7 @@ impl LatencyWindow {
             counts.iter().zip(&self.prev).map(|(n, b)| n - b).collect()
         };
         self.prev = counts.to_vec();
-        let total: u64 = delta.iter().sum();
-        [0.5, 0.9, 0.99].map(|q| {
-            if total == 0 {
-                return None;
-            }
-            let want = ((total as f64) * q).ceil().max(1.0) as u64;
-            let mut seen = 0;
-            for (i, c) in delta.iter().enumerate() {
-                seen += c;
-                if seen >= want {
-                    return Some(bounds_us.get(i).copied().unwrap_or(u64::MAX));
-                }
-            }
-            None
-        })
+        [0.5, 0.9, 0.99].map(|q| crate::runtime::bucket_quantile(bounds_us, &delta, q))
     }
 }
 

@@ -425,9 +425,9 @@ impl Producer {
                     "requests_invalid": now.invalid.saturating_sub(prev.invalid),
                     "rows": now.rows.saturating_sub(prev.rows),
                     "nan_rows": now.nan_rows.saturating_sub(prev.nan_rows),
-                    "latency_p50_us": bucket_quantile(&lat, 0.5),
-                    "latency_p90_us": bucket_quantile(&lat, 0.9),
-                    "latency_p99_us": bucket_quantile(&lat, 0.99),
+                    "latency_p50_us": bucket_quantile(&LATENCY_BUCKETS_US, &lat, 0.5),
+                    "latency_p90_us": bucket_quantile(&LATENCY_BUCKETS_US, &lat, 0.9),
+                    "latency_p99_us": bucket_quantile(&LATENCY_BUCKETS_US, &lat, 0.99),
                 }),
             ));
             if let Some(d) = &l.drift {
