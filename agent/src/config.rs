@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Largest config file read.
-const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+use shared::config::read_config_file;
+pub use shared::config::ConfigError;
 
 /// The whole configuration (wire type of `edge-agent.toml`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -289,19 +289,6 @@ impl Default for Health {
     }
 }
 
-/// Why a configuration cannot be used: every problem found.
-#[derive(Debug, thiserror::Error)]
-#[error("{}", problems.join("\n"))]
-pub struct ConfigError {
-    pub problems: Vec<String>,
-}
-
-impl ConfigError {
-    fn one(p: String) -> ConfigError {
-        ConfigError { problems: vec![p] }
-    }
-}
-
 /// Command-line values that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -333,17 +320,7 @@ impl Config {
 
     /// Reads and parses `path` (not yet validated).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let meta = std::fs::metadata(path)
-            .map_err(|e| ConfigError::one(format!("{}: {e}", path.display())))?;
-        if meta.len() > MAX_CONFIG_BYTES {
-            return Err(ConfigError::one(format!(
-                "{}: {} bytes, larger than the {MAX_CONFIG_BYTES}-byte limit",
-                path.display(),
-                meta.len()
-            )));
-        }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::one(format!("{}: {e}", path.display())))?;
+        let text = read_config_file(path)?;
         toml::from_str(&text).map_err(|e| {
             ConfigError::one(format!("{}: {}", path.display(), e.to_string().trim_end()))
         })

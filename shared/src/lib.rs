@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod bundle;
+pub mod config;
 pub mod delivery;
 pub mod directive;
 pub mod drift;

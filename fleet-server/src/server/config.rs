@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Largest config file read.
-const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+use shared::config::read_config_file;
+pub use shared::config::ConfigError;
 
 /// Roles a bearer token can have, from least to most privileged.
 pub const ROLES: [&str; 3] = ["viewer", "operator", "admin"];
@@ -195,6 +195,17 @@ pub struct Token {
     pub role: String,
 }
 
+impl Token {
+    /// A token entry for `secret`, which is hashed here (only the hash is kept).
+    pub fn from_secret(name: &str, secret: &str, role: &str) -> Token {
+        Token {
+            name: name.into(),
+            sha256: shared::auth::token_sha256(secret),
+            role: role.into(),
+        }
+    }
+}
+
 /// The embedded MQTT broker (rumqttd), used when no external broker is configured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -268,19 +279,6 @@ impl Default for Broker {
     }
 }
 
-/// Why a configuration cannot be used: every problem found, each naming its key.
-#[derive(Debug, thiserror::Error)]
-#[error("{}", problems.join("\n"))]
-pub struct ConfigError {
-    pub problems: Vec<String>,
-}
-
-impl ConfigError {
-    fn one(p: String) -> ConfigError {
-        ConfigError { problems: vec![p] }
-    }
-}
-
 /// Command-line values that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -315,17 +313,7 @@ impl Config {
 
     /// Reads and parses `path` (not yet validated).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let meta = std::fs::metadata(path)
-            .map_err(|e| ConfigError::one(format!("{}: {e}", path.display())))?;
-        if meta.len() > MAX_CONFIG_BYTES {
-            return Err(ConfigError::one(format!(
-                "{}: {} bytes, larger than the {MAX_CONFIG_BYTES}-byte limit",
-                path.display(),
-                meta.len()
-            )));
-        }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::one(format!("{}: {e}", path.display())))?;
+        let text = read_config_file(path)?;
         Config::parse(&text)
             .map_err(|e| ConfigError::one(format!("{}: {}", path.display(), e.problems.join("; "))))
     }

@@ -280,14 +280,6 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
 mod tests {
     use super::*;
 
-    fn token(name: &str, secret: &str, role: &str) -> Token {
-        Token {
-            name: name.into(),
-            sha256: shared::auth::token_sha256(secret),
-            role: role.into(),
-        }
-    }
-
     fn bearer(t: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(
@@ -300,8 +292,8 @@ mod tests {
     #[test]
     fn roles_are_ordered_and_unknown_tokens_refused() {
         let tokens = [
-            token("grafana", "s1", "viewer"),
-            token("ops", "s2", "admin"),
+            Token::from_secret("grafana", "s1", "viewer"),
+            Token::from_secret("ops", "s2", "admin"),
         ];
         let t = authorize(&tokens, &bearer("s1"), "viewer").unwrap();
         assert_eq!(t.name, "grafana");

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::Alerts;
@@ -126,11 +125,7 @@ pub fn bootstrap_token(state_dir: &Path) -> Result<(Token, PathBuf, bool), Serve
             problem: "not a token (expected at least 32 printable characters); delete it to get a new one".into(),
         });
     }
-    let token = Token {
-        name: "bootstrap-admin".into(),
-        sha256: shared::trust::hex(&Sha256::digest(secret.as_bytes())),
-        role: "admin".into(),
-    };
+    let token = Token::from_secret("bootstrap-admin", secret, "admin");
     Ok((token, path, created))
 }
 
@@ -482,6 +477,7 @@ fn model_devices(registry: Arc<Registry>) -> api::rollouts::ResolveModelDevices 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn the_bootstrap_token_is_created_once_private_and_reused() {

@@ -375,14 +375,6 @@ mod tests {
     use axum::http::Request;
     use tower::ServiceExt;
 
-    fn token(name: &str, secret: &str, role: &str) -> Token {
-        Token {
-            name: name.into(),
-            sha256: shared::auth::token_sha256(secret),
-            role: role.into(),
-        }
-    }
-
     struct Fixture {
         _dir: tempfile::TempDir,
         dir: std::path::PathBuf,
@@ -407,10 +399,10 @@ mod tests {
         let (audit, _) = AuditLog::open(&audit_path).unwrap();
         let app = router(Arc::new(BundlesState {
             tokens: vec![
-                token("viewer", "v", "viewer"),
-                token("alice", "a", "operator"),
-                token("root", "r", "admin"),
-                token("bob", "b", "admin"),
+                Token::from_secret("viewer", "v", "viewer"),
+                Token::from_secret("alice", "a", "operator"),
+                Token::from_secret("root", "r", "admin"),
+                Token::from_secret("bob", "b", "admin"),
             ],
             store: Arc::new(store),
             audit,

@@ -220,14 +220,6 @@ mod tests {
     use shared::wire::{Birth, ModelVersion, Status};
     use tower::ServiceExt;
 
-    fn token(name: &str, secret: &str, role: &str) -> Token {
-        Token {
-            name: name.into(),
-            sha256: shared::auth::token_sha256(secret),
-            role: role.into(),
-        }
-    }
-
     fn birth(id: &str, site: &str) -> Status {
         Status::Online(Birth {
             v: 1,
@@ -295,7 +287,7 @@ mod tests {
             fs.commit("d1", &[], st).unwrap();
         }
         let app = router(Arc::new(DevicesState {
-            tokens: vec![token("grafana", "s1", "viewer")],
+            tokens: vec![Token::from_secret("grafana", "s1", "viewer")],
             registry,
             ingest_root,
         }));

@@ -432,11 +432,7 @@ pub(crate) mod tests {
     pub(crate) fn tokens() -> Vec<Token> {
         ["viewer", "operator", "admin"]
             .iter()
-            .map(|r| Token {
-                name: format!("{r}-token"),
-                sha256: shared::auth::token_sha256(&format!("secret-{r}-0123456789")),
-                role: r.to_string(),
-            })
+            .map(|r| Token::from_secret(&format!("{r}-token"), &tok(r), r))
             .collect()
     }
 
