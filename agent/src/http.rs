@@ -591,10 +591,32 @@ async fn infer_common(
                 })?,
         ),
     };
+    // as on `:predict`: an unversioned request goes to a split candidate for its share of
+    // routing keys; a request for a version gets that version
+    let loaded = match version {
+        Some(_) => loaded,
+        None => {
+            let key = headers.get(ROUTING_KEY).and_then(|v| v.to_str().ok());
+            s.registry.route(&name, key).unwrap_or(loaded)
+        }
+    };
+    let served = Served {
+        device: s.device_id.clone(),
+        registry: s.registry.clone(),
+        feedback: s.feedback.clone(),
+    };
     blocking(&s.pool, Flavor::V2, move || {
-        infer_blocking(loaded, &body, json_len)
+        infer_blocking(loaded, &body, json_len, &served)
     })
     .await
+}
+
+/// What a prediction is reported to once served: the shadow candidate (same inputs) and the
+/// feedback log (prediction ids).
+struct Served {
+    device: String,
+    registry: Arc<crate::runtime::Registry>,
+    feedback: Arc<crate::feedback::Feedback>,
 }
 
 /// Binary element size of an OIP datatype (None for BYTES, which is length-prefixed).
@@ -756,6 +778,7 @@ fn infer_blocking(
     loaded: Arc<Loaded>,
     body: &[u8],
     json_len: Option<usize>,
+    served: &Served,
 ) -> Result<Response, ApiError> {
     let l = loaded.as_ref();
     let (json_part, mut binary) = body.split_at(json_len.unwrap_or(body.len()));
@@ -1014,6 +1037,9 @@ fn infer_blocking(
     let n_rows = rows.len();
     let pred = predict_with(Arc::clone(&loaded), &rows, false)
         .map_err(|e| ApiError::predict(e, Flavor::V2))?;
+    served.registry.shadow(&l.name, &rows, &pred);
+    let ids =
+        crate::feedback::log_predictions(&served.feedback, l, &served.device, &rows, &pred.outputs);
     let mut outputs = Vec::with_capacity(wanted.len());
     let mut bin_out: Vec<u8> = Vec::new();
     let mut any_binary = false;
@@ -1038,6 +1064,8 @@ fn infer_blocking(
         "model_name": l.name,
         "model_version": l.version,
         "outputs": outputs,
+        // an extension: the ids `POST /v1/feedback` takes, one per row (as on `:predict`)
+        "parameters": { "prediction_ids": ids },
     });
     if let Some(id) = req.id {
         resp["id"] = id.into();

@@ -72,6 +72,35 @@ fn shadow_split_promote_and_metrics() {
         serde_json::from_str(&text).unwrap()
     };
 
+    let infer = |row: &Value, key: Option<&str>| -> Value {
+        // one input per feature: fits both models whatever their input is named
+        let inputs: Vec<Value> = PDM
+            .iter()
+            .map(|f| json!({ "name": f, "shape": [1, 1], "datatype": "FP64", "data": [row[*f]] }))
+            .collect();
+        let body = json!({ "inputs": inputs }).to_string();
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(k) = key {
+            headers.push(("X-Routing-Key", k));
+        }
+        let (code, text) = http(
+            port,
+            "POST",
+            "/v2/models/pdm-failure/infer",
+            &headers,
+            body.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(code, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v["parameters"]["prediction_ids"].as_array().map(Vec::len),
+            Some(1),
+            "{v}"
+        );
+        v
+    };
+
     // a shadow of the same model: never serves, agrees on every row
     let out = run(
         d,
@@ -89,6 +118,10 @@ fn shadow_split_promote_and_metrics() {
     for r in &rows {
         assert_eq!(predict(r, None)["release"], 1);
     }
+    // Open Inference Protocol requests reach the shadow too: 10 more rows, served by 1
+    for r in &rows[..10] {
+        assert_eq!(infer(r, None)["model_version"], "1.0");
+    }
     let scrape = || http(port, "GET", "/metrics", &[], b"").unwrap().1;
     assert!(wait_until(Duration::from_secs(10), || {
         let m = scrape();
@@ -98,7 +131,7 @@ fn shadow_split_promote_and_metrics() {
         ) + metric(
             &m,
             "edge_agent_shadow_skipped_total{model=\"pdm-failure\",release=\"2\"}",
-        ) >= 50.0
+        ) >= 60.0
     }));
     let m = scrape();
     assert_eq!(metric(&m, "edge_agent_shadow_rows_total{model=\"pdm-failure\",release=\"2\",outcome=\"disagreed\"}"), 0.0);
@@ -131,6 +164,13 @@ fn shadow_split_promote_and_metrics() {
         let a = predict(&rows[0], Some(&key))["release"].as_u64().unwrap();
         let b = predict(&rows[1], Some(&key))["release"].as_u64().unwrap();
         assert_eq!(a, b, "key {key} moved between versions");
+        // the same key over the Open Inference Protocol goes to the same version
+        let c = infer(&rows[2], Some(&key))["model_version"].clone();
+        assert_eq!(
+            c,
+            json!(format!("{a}.0")),
+            "key {key}: OIP served {c}, :predict {a}"
+        );
         *served.entry(a).or_insert(0) += 1;
     }
     assert!(

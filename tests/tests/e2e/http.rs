@@ -573,6 +573,30 @@ fn open_inference_protocol_metadata_and_infer_match_predict() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["id"], "req-7");
     check(&body);
+    // every row has a prediction id, as on :predict, and feedback takes it
+    let ids: Vec<&str> = body["parameters"]["prediction_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no prediction ids in {body}"))
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 4, "{body}");
+    let v1_ids = v1["prediction_ids"].as_array().unwrap();
+    // <device>-<release>-<process start>-<counter>: the same process and release as :predict's
+    let prefix = v1_ids[0].as_str().unwrap().rsplit_once('-').unwrap().0;
+    for id in &ids {
+        assert!(id.starts_with(&format!("{prefix}-")), "{id} vs {prefix}");
+        assert!(!v1_ids.iter().any(|v| v == id), "{id} reused");
+    }
+    let (status, out) = agent.json(
+        "POST",
+        "/v1/feedback",
+        &json!({ "prediction_id": ids[3], "label": labels[3].to_string() }),
+        None,
+    );
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["status"], "applied", "{out}");
+    assert_eq!(out["prediction_id"], ids[3], "{out}");
     // nested data, by version
     let (status, body) = agent.json(
         "POST",
