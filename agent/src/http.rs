@@ -591,32 +591,52 @@ async fn infer_common(
                 })?,
         ),
     };
-    // as on `:predict`: an unversioned request goes to a split candidate for its share of
-    // routing keys; a request for a version gets that version
+    // a request for a version gets that version; otherwise as on `:predict`
     let loaded = match version {
         Some(_) => loaded,
-        None => {
-            let key = headers.get(ROUTING_KEY).and_then(|v| v.to_str().ok());
-            s.registry.route(&name, key).unwrap_or(loaded)
-        }
+        None => routed(&s, &name, loaded, &headers),
     };
-    let served = Served {
-        device: s.device_id.clone(),
-        registry: s.registry.clone(),
-        feedback: s.feedback.clone(),
-    };
+    let served = Served::new(&s);
     blocking(&s.pool, Flavor::V2, move || {
         infer_blocking(loaded, &body, json_len, &served)
     })
     .await
 }
 
-/// What a prediction is reported to once served: the shadow candidate (same inputs) and the
-/// feedback log (prediction ids).
+/// The version that serves a request for model `name`: a split candidate for its share of
+/// `X-Routing-Key` values (sticky), else `active`.
+fn routed(s: &AppState, name: &str, active: Arc<Loaded>, headers: &HeaderMap) -> Arc<Loaded> {
+    let key = headers.get(ROUTING_KEY).and_then(|v| v.to_str().ok());
+    s.registry.route(name, key).unwrap_or(active)
+}
+
+/// What a prediction is reported to once served, on both inference routes: the shadow
+/// candidate (same inputs) and the feedback log (prediction ids).
 struct Served {
     device: String,
     registry: Arc<crate::runtime::Registry>,
     feedback: Arc<crate::feedback::Feedback>,
+}
+
+impl Served {
+    fn new(s: &AppState) -> Served {
+        Served {
+            device: s.device_id.clone(),
+            registry: s.registry.clone(),
+            feedback: s.feedback.clone(),
+        }
+    }
+
+    /// Feeds the shadow and logs the predictions; returns their ids, one per row.
+    fn report(
+        &self,
+        rows: &[Map<String, Value>],
+        pred: &crate::runtime::Prediction,
+    ) -> Vec<String> {
+        let l = &pred.loaded;
+        self.registry.shadow(&l.name, rows, pred);
+        crate::feedback::log_predictions(&self.feedback, l, &self.device, rows, &pred.outputs)
+    }
 }
 
 /// Binary element size of an OIP datatype (None for BYTES, which is length-prefixed).
@@ -1037,9 +1057,7 @@ fn infer_blocking(
     let n_rows = rows.len();
     let pred = predict_with(Arc::clone(&loaded), &rows, false)
         .map_err(|e| ApiError::predict(e, Flavor::V2))?;
-    served.registry.shadow(&l.name, &rows, &pred);
-    let ids =
-        crate::feedback::log_predictions(&served.feedback, l, &served.device, &rows, &pred.outputs);
+    let ids = served.report(&rows, &pred);
     let mut outputs = Vec::with_capacity(wanted.len());
     let mut bin_out: Vec<u8> = Vec::new();
     let mut any_binary = false;
@@ -1235,17 +1253,10 @@ async fn v1_post(
     }
     let body = body.map_err(|r| body_error(r, s.config.http.max_body_bytes, Flavor::V1))?;
     let active = resolve(&s, name, None, Flavor::V1)?;
-    // a split candidate serves its share of routing keys
-    let key = headers
-        .get(ROUTING_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let loaded = s.registry.route(name, key.as_deref()).unwrap_or(active);
-    let device = s.device_id.clone();
-    let registry = s.registry.clone();
-    let feedback = s.feedback.clone();
+    let loaded = routed(&s, name, active, &headers);
+    let served = Served::new(&s);
     let out = blocking(&s.pool, Flavor::V1, move || {
-        v1_predict(loaded, &body, &device, &registry, &feedback).map_err(|e| e.flavor(Flavor::V1))
+        v1_predict(loaded, &body, &served).map_err(|e| e.flavor(Flavor::V1))
     })
     .await?;
     Ok((
@@ -1281,13 +1292,7 @@ struct V1Response<'a> {
     prediction_ids: Vec<String>,
 }
 
-fn v1_predict(
-    loaded: Arc<Loaded>,
-    body: &[u8],
-    device: &str,
-    registry: &crate::runtime::Registry,
-    feedback: &crate::feedback::Feedback,
-) -> Result<Vec<u8>, ApiError> {
+fn v1_predict(loaded: Arc<Loaded>, body: &[u8], served: &Served) -> Result<Vec<u8>, ApiError> {
     let usage = "expected {\"instances\": [{\"<feature>\": value, ...}, ...]}";
     let req: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad(format!("request body is not JSON: {e}; {usage}")))?;
@@ -1358,11 +1363,9 @@ fn v1_predict(
         check_floats(model, row, &obj).map_err(|e| ApiError::row(e, Flavor::V1))?;
         rows.push(obj);
     }
-    let name = loaded.name.clone();
     let pred = predict_with(loaded, &rows, false).map_err(|e| ApiError::predict(e, Flavor::V1))?;
-    registry.shadow(&name, &rows, &pred);
+    let ids = served.report(&rows, &pred);
     let l = &pred.loaded;
-    let ids = crate::feedback::log_predictions(feedback, l, device, &rows, &pred.outputs);
     serde_json::to_vec(&V1Response {
         predictions: &pred.outputs,
         model: &l.name,
