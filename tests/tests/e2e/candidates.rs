@@ -54,45 +54,34 @@ fn shadow_split_promote_and_metrics() {
     let agent = Agent::start(d, None);
     let port = agent.port;
     let rows: Vec<Value> = holdout_rows(50).iter().map(|r| instance(r)).collect();
-    let predict = |row: &Value, key: Option<&str>| -> Value {
-        let body = json!({"instances": [row]}).to_string();
+    // POST `body` to `path` with an optional routing key; expects 200 and JSON
+    let post = |path: &str, body: Value, key: Option<&str>| -> Value {
         let mut headers = vec![("Content-Type", "application/json")];
         if let Some(k) = key {
             headers.push(("X-Routing-Key", k));
         }
-        let (code, text) = http(
-            port,
-            "POST",
-            "/v1/models/pdm-failure:predict",
-            &headers,
-            body.as_bytes(),
-        )
-        .unwrap();
+        let (code, text) = http(port, "POST", path, &headers, body.to_string().as_bytes()).unwrap();
         assert_eq!(code, 200, "{text}");
         serde_json::from_str(&text).unwrap()
     };
-
+    let predict = |row: &Value, key: Option<&str>| -> Value {
+        post(
+            "/v1/models/pdm-failure:predict",
+            json!({"instances": [row]}),
+            key,
+        )
+    };
     let infer = |row: &Value, key: Option<&str>| -> Value {
         // one input per feature: fits both models whatever their input is named
         let inputs: Vec<Value> = PDM
             .iter()
             .map(|f| json!({ "name": f, "shape": [1, 1], "datatype": "FP64", "data": [row[*f]] }))
             .collect();
-        let body = json!({ "inputs": inputs }).to_string();
-        let mut headers = vec![("Content-Type", "application/json")];
-        if let Some(k) = key {
-            headers.push(("X-Routing-Key", k));
-        }
-        let (code, text) = http(
-            port,
-            "POST",
+        let v = post(
             "/v2/models/pdm-failure/infer",
-            &headers,
-            body.as_bytes(),
-        )
-        .unwrap();
-        assert_eq!(code, 200, "{text}");
-        let v: Value = serde_json::from_str(&text).unwrap();
+            json!({ "inputs": inputs }),
+            key,
+        );
         assert_eq!(
             v["parameters"]["prediction_ids"].as_array().map(Vec::len),
             Some(1),
